@@ -1,0 +1,223 @@
+"""The ``moesim`` command line (typer): run, presets, trace.
+
+Every user mistake ends with one line on stderr naming the file and field, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from moesim.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Discrete-event simulator of MoE inference systems.")
+trace_app = typer.Typer(no_args_is_help=True, help="Routing traces: statistics, conversion, synthesis.")
+app.add_typer(trace_app, name="trace")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def _fmt_ms(d) -> str:
+    return "n/a" if d is None else f"{d['mean']:.3f} (p50 {d['p50']:.3f}, p99 {d['p99']:.3f})"
+
+
+def human_summary(s: dict) -> str:
+    """A short readable summary of a run."""
+    c, t, cp = s["cache"], s["transfers"], s["critical_path_ms"]
+    hr = "n/a" if c["hit_rate"] is None else f"{100 * c['hit_rate']:.1f}%"
+    total = cp["total"] or 1.0
+    parts = ", ".join(
+        f"{k} {100 * cp[k] / total:.0f}%" for k in ("gpu_compute", "copy_wait", "host", "cpu_expert", "comm", "idle") if cp[k] > 0
+    )
+    lines = [
+        f"scenario   {s['scenario']}  (hash {s['scenario_hash'][:8]}, seed {s['seed']})",
+        f"decode     {s['tokens']} tokens in {s['decode_steps']} steps x {s['requests']} sequences, "
+        f"{s['layer_steps']} layer-steps, simulated {s['measured_time_s']:.4f} s",
+        f"TPOT ms    {_fmt_ms(s['tpot_ms'])}",
+        f"throughput {s['throughput_tok_s']:.1f} tok/s",
+        f"cache      {c['policy']}: {c['hits']} hits / {c['misses']} misses ({hr}), {c['evictions']} evictions",
+        f"transfers  {t['bytes_h2d'] / 1e9:.3f} GB host->GPU in {t['copies']} copies",
+        f"time went  {parts}",
+        f"wall       {s['wall_time_s']:.2f} s ({s['layer_steps'] / max(s['wall_time_s'], 1e-9):,.0f} layer-steps/s)",
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def run(
+    scenario: Path = typer.Argument(..., help="scenario YAML file"),
+    set_: List[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default runs/<name>-<hash8>/)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario seed"),
+    timeline: bool = typer.Option(False, "--timeline", help="also write timeline.parquet"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output directory"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the output directory"),
+    as_json: bool = typer.Option(False, "--json", help="print summary.json to stdout"),
+):
+    """Run one scenario; write summary.json and scenario.resolved.yaml (and timeline.parquet)."""
+    from moesim.config.loader import load_scenario, resolved_dict
+    from moesim.engine.run import simulate
+    from moesim.metrics.output import write_outputs
+
+    src = str(scenario)
+    sc = load_scenario(scenario, set_, seed=seed)
+    progress_ctx = _progress(quiet)
+    with progress_ctx as prog:
+        result = simulate(sc, source=src, record_timeline=timeline, progress=prog)
+    s = result.summary
+    out_dir = out if out is not None else Path("runs") / f"{sc.name}-{result.scenario_hash[:8]}"
+    try:
+        write_outputs(
+            out_dir,
+            summary=s,
+            resolved=resolved_dict(sc),
+            timeline_rows=result.result.timeline if timeline else None,
+            force=force,
+        )
+    except FileExistsError:
+        raise InputError(f"output directory {out_dir} exists; pass --force to overwrite", source="--out") from None
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+    elif quiet:
+        typer.echo(str(out_dir))
+    else:
+        typer.echo(human_summary(s))
+        for note in result.prepared.notes:
+            typer.echo(f"note       {note}")
+        typer.echo(f"output     {out_dir}/")
+
+
+class _progress:
+    """A rich progress bar on stderr for long runs (silent when quiet or not a terminal)."""
+
+    def __init__(self, quiet: bool):
+        self.enabled = not quiet and sys.stderr.isatty()
+        self._bar = None
+        self._task = None
+
+    def __enter__(self):
+        return self if self.enabled else None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            if total < 2048:
+                return
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("decode steps"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("run", total=total)
+        self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+        return False
+
+
+@app.command()
+def presets(kind: str = typer.Argument("all", help="hardware | models | policies | all")):
+    """List the hardware, model and policy presets."""
+    from moesim.hardware.presets import list_hardware_presets
+    from moesim.models.presets import list_model_presets
+    from moesim.policies.base import FAMILIES, registry
+
+    if kind not in ("all", "hardware", "models", "policies"):
+        raise InputError(f"unknown kind {kind!r}; valid: hardware, models, policies, all", source="moesim presets")
+    if kind in ("all", "hardware"):
+        typer.echo("hardware: " + ", ".join(list_hardware_presets()))
+    if kind in ("all", "models"):
+        typer.echo("models:   " + ", ".join(list_model_presets()))
+    if kind in ("all", "policies"):
+        for fam in FAMILIES:
+            typer.echo(f"{fam + ':':<10}" + ", ".join(sorted(registry(fam))))
+
+
+@trace_app.command("stats")
+def trace_stats(path: Path = typer.Argument(..., help="trace .npz or directory"), as_json: bool = typer.Option(False, "--json")):
+    """Print basic statistics of a trace (popularity, distinct experts, temporal reuse)."""
+    from moesim.traces import basic_stats, load_trace
+
+    st = basic_stats(load_trace(path))
+    if as_json:
+        typer.echo(json.dumps(st, indent=2, default=_jsonable))
+        return
+    for k, v in st.items():
+        if isinstance(v, (list, dict)) and len(str(v)) > 100:
+            v = str(v)[:97] + "..."
+        typer.echo(f"{k:<24} {v}")
+
+
+@trace_app.command("convert")
+def trace_convert(
+    src: Path = typer.Argument(..., help="input: a RouterTrace JSON file"),
+    dst: Path = typer.Argument(..., help="output .npz file or directory"),
+    model: str = typer.Option("google/switch-base-8", help="model the trace was captured from"),
+):
+    """Convert a RouterTrace-style JSON routing log into the moesim trace format."""
+    from moesim.traces import from_router_trace_json, save_trace
+
+    tr = from_router_trace_json(src, model=model)
+    save_trace(tr, dst)
+    typer.echo(f"wrote {dst}: {tr.experts.shape[0]} rows x {tr.experts.shape[1]} layers x top-{tr.experts.shape[2]}")
+
+
+@trace_app.command("synth")
+def trace_synth(
+    dst: Path = typer.Argument(..., help="output .npz file or directory"),
+    model: str = typer.Option(..., help="model preset (gives layers, experts, top-k)"),
+    tokens: int = typer.Option(4096, min=1),
+    zipf_s: float = typer.Option(1.0, min=0.0),
+    reuse_prob: float = typer.Option(0.3, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+):
+    """Write a synthetic trace (per-layer Zipf popularity, temporal reuse) for a model preset."""
+    from moesim.models.presets import load_model_preset
+    from moesim.models.spec import ModelSpec
+    from moesim.traces import save_trace, synthesize
+
+    m = ModelSpec.model_validate(load_model_preset(model))
+    tr = synthesize(
+        num_tokens=tokens, layers=list(m.moe_layers), num_experts=m.num_experts, top_k=m.top_k,
+        zipf_s=zipf_s, reuse_prob=reuse_prob, seed=seed, model_name=m.name,
+    )
+    save_trace(tr, dst)
+    typer.echo(f"wrote {dst}: {tokens} rows x {len(m.moe_layers)} layers x top-{m.top_k}")
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the typer app; input errors become one line on stderr and exit code 2."""
+    import click
+
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="moesim")
+    except InputError as exc:
+        _err(exc.line())
+        return 2
+    except click.exceptions.ClickException as exc:  # usage errors: click's message, its code (2)
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _err("aborted")
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

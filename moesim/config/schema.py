@@ -1,0 +1,119 @@
+"""The scenario: pydantic models of every block of a scenario YAML (DESIGN 3.2)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, create_model, model_validator
+
+from moesim.config.base import StrictModel
+from moesim.hardware.spec import HardwareSpec
+from moesim.models.spec import ModelSpec
+from moesim.policies.base import FAMILIES, registry
+
+
+class SyntheticTrace(StrictModel):
+    """A synthetic routing trace made at run time (per-layer Zipf popularity + temporal reuse)."""
+
+    tokens: int = Field(default=4096, ge=1)
+    zipf_s: float = Field(default=1.0, ge=0)
+    reuse_prob: float = Field(default=0.3, ge=0, le=1)
+    seed: int | None = Field(default=None, description="None: derived from the scenario seed")
+
+
+class TraceConfig(StrictModel):
+    """Where the routing comes from: a trace file, or a synthetic generator."""
+
+    path: str | None = None
+    synthetic: SyntheticTrace | None = None
+    layers: list[int] | None = Field(
+        default=None, description="model MoE layer index of each trace column"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of trace.path or trace.synthetic")
+        return self
+
+
+class WorkloadConfig(StrictModel):
+    """Batched decode workload: ``batch_size`` sequences decode one token per step."""
+
+    batch_size: int = Field(default=1, ge=1)
+    max_tokens: int = Field(default=256, ge=1, description="trace rows (token-steps) to replay")
+    warmup_tokens: int = Field(default=0, ge=0, description="simulated but left out of metrics")
+    loop_trace: bool = False
+    context_tokens: int = Field(
+        default=512, ge=0, description="context length of each sequence at the first decode step"
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_tokens >= self.max_tokens:
+            raise ValueError("warmup_tokens must be smaller than max_tokens")
+        return self
+
+
+class RuntimeConfig(StrictModel):
+    """How the serving runtime drives the GPU: these settings change answers several-fold."""
+
+    wait_for_router: bool = Field(
+        default=True,
+        description="host reads each router output before issuing the layer's experts; false only "
+        "when every expert is resident (device-side routing)",
+    )
+    launch_mode: Literal["eager", "graph", "fused"] = Field(
+        default="eager",
+        description="eager: one launch per kernel; graph: one CUDA-graph launch per dense part and "
+        "per expert; fused: one grouped-GEMM launch for a layer's resident experts and one for its "
+        "loaded experts",
+    )
+    host_memory: Literal["pinned", "pageable"] = "pinned"
+    dense_kernels_per_layer: int = Field(
+        default=12, ge=1, description="kernels of one block's non-expert part (eager launches)"
+    )
+    kernels_per_expert: int = Field(
+        default=5, ge=1, description="kernels of one expert FFN in eager mode (3 GEMMs, act, mul)"
+    )
+    head_kernels: int = Field(default=4, ge=1, description="final norm, LM head, sampling kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def policies_model():
+    """The ``policies`` block: one discriminated union on ``kind`` per family (built once, after
+    every policy module is imported)."""
+    fields = {}
+    defaults = {"cache": "lru", "prefetch": "none", "execution": "gpu_only"}
+    for fam in FAMILIES:
+        classes = registry(fam)
+        configs = tuple(c.Config for c in classes.values())
+        if len(configs) == 1:
+            ann = configs[0]
+        else:
+            ann = Annotated[Union[configs], Field(discriminator="kind")]  # type: ignore[valid-type]
+        if fam == "cache":
+            fields[fam] = (ann, ...)
+        else:
+            fields[fam] = (ann, Field(default_factory=lambda f=fam: registry(f)[defaults[f]].Config()))
+    return create_model("PoliciesConfig", __base__=StrictModel, **fields)
+
+
+@functools.lru_cache(maxsize=None)
+def scenario_model():
+    """The whole scenario model (presets already merged into ``model`` and ``hardware``)."""
+    return create_model(
+        "Scenario",
+        __base__=StrictModel,
+        name=(str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")),
+        description=(str, ""),
+        seed=(int, 0),
+        model=(ModelSpec, ...),
+        hardware=(HardwareSpec, ...),
+        trace=(TraceConfig, ...),
+        policies=(policies_model(), ...),
+        workload=(WorkloadConfig, Field(default_factory=WorkloadConfig)),
+        runtime=(RuntimeConfig, Field(default_factory=RuntimeConfig)),
+    )
+

@@ -1,0 +1,310 @@
+"""From a validated scenario to a ready engine: trace, plan, memory check, predictor, policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.engine.plan import DecodePlan, build_plan
+from moesim.engine.single_gpu import SingleGpuEngine, StageTimes
+from moesim.errors import InputError
+from moesim.hardware.links import LinkModel
+from moesim.perf.predictor import Predictor
+from moesim.policies.base import registry
+from moesim.policies.cache.base import CacheSetup
+
+GIB = 2**30
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before the simulation starts."""
+
+    scenario: object
+    trace: object
+    trace_sha256: str | None
+    plan: DecodePlan
+    col_src: list
+    model_layers: list
+    engine: SingleGpuEngine
+    predictor: Predictor
+    memory: dict
+    routing_note: str
+    notes: list
+
+
+def load_routing(scenario, source: str):
+    """The scenario's trace: loaded from ``trace.path`` or synthesised (seeded)."""
+    from moesim.traces import load_trace, synthesize
+
+    tc = scenario.trace
+    m = scenario.model
+    if tc.path is not None:
+        trace = load_trace(tc.path)
+        return trace, trace.sha256
+    syn = tc.synthetic
+    seed = syn.seed
+    if seed is None:  # derive one from the scenario seed (SeedSequence, not global state)
+        seed = int(np.random.SeedSequence(scenario.seed).generate_state(1)[0])
+    layers = list(tc.layers) if tc.layers else list(m.moe_layers)
+    trace = synthesize(
+        num_tokens=syn.tokens,
+        layers=layers,
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        zipf_s=syn.zipf_s,
+        reuse_prob=syn.reuse_prob,
+        seed=seed,
+        model_name=m.name,
+    )
+    return trace, None
+
+
+def _norm_model_name(name: str) -> str:
+    return name.lower().rsplit("/", 1)[-1].replace("_", "-")
+
+
+def map_columns(model, trace_layers: tuple) -> tuple[list, list]:
+    """Simulated MoE layers (all of the model's) and the trace column each replays: a covered layer
+    its own column, an uncovered one the column of the nearest covered layer (lower on ties)."""
+    layers = list(model.moe_layers)
+    col_of = {l: i for i, l in enumerate(trace_layers)}
+    src = []
+    borrowed = []
+    for l in layers:
+        if l in col_of:
+            src.append(col_of[l])
+        else:
+            nearest = min(trace_layers, key=lambda t: (abs(t - l), t))
+            src.append(col_of[nearest])
+            borrowed.append((l, nearest))
+    return layers, src, borrowed
+
+
+def memory_check(scenario, cache, source: str) -> dict:
+    """GPU and host memory use (bytes); an InputError naming the numbers when it does not fit."""
+    m, hw, wl = scenario.model, scenario.hardware, scenario.workload
+    g = hw.gpu
+    usable = (g.hbm_gib - g.reserved_gib) * GIB
+    dense = m.dense_bytes
+    kv = wl.batch_size * (wl.context_tokens + wl.max_tokens // wl.batch_size) * m.kv_bytes_per_token
+    cache_b = cache.resident_slots_bytes()
+    tbuf = cache.transient_buffer_count() * cache.expert_bytes
+    need = dense + kv + cache_b + tbuf
+    kind = scenario.policies.cache.kind
+    host_store = 0 if kind == "all_resident" else m.total_expert_bytes
+    mem = {
+        "gpu_usable_bytes": int(usable),
+        "dense_bytes": int(dense),
+        "kv_bytes": int(kv),
+        "expert_cache_bytes": int(cache_b),
+        "transient_buffer_bytes": int(tbuf),
+        "gpu_used_bytes": int(need),
+        "host_expert_bytes": int(host_store),
+    }
+    if g.unified_memory:
+        # one DRAM: the GPU's share and the host's expert store come out of the same capacity
+        total = need + host_store
+        cap = hw.host_memory.capacity_gib * GIB
+        if total > cap:
+            raise InputError(
+                f"does not fit in unified memory: GPU {need / GIB:.2f} GiB + host expert store "
+                f"{host_store / GIB:.2f} GiB = {total / GIB:.2f} GiB > {cap / GIB:.2f} GiB",
+                source=source,
+                field="hardware.host_memory.capacity_gib",
+            )
+    if need > usable:
+        fld = "policies.cache." + (
+            "capacity_gib" if getattr(scenario.policies.cache, "capacity_gib", None) else "capacity_experts"
+        )
+        if kind in ("all_resident", "streaming"):
+            fld = "policies.cache.kind"
+        raise InputError(
+            f"does not fit in GPU memory: dense weights {dense / GIB:.2f} GiB + KV cache "
+            f"{kv / GIB:.2f} GiB + expert cache {cache_b / GIB:.2f} GiB ({cache.slots_total()} slots) "
+            f"+ transient buffers {tbuf / GIB:.2f} GiB = {need / GIB:.2f} GiB > {usable / GIB:.2f} GiB "
+            f"usable ({g.hbm_gib:g} GiB HBM - {g.reserved_gib:g} GiB reserved)",
+            source=source,
+            field=fld,
+        )
+    if not g.unified_memory and host_store > hw.host_memory.capacity_gib * GIB:
+        raise InputError(
+            f"experts need {host_store / GIB:.2f} GiB of host memory, more than its "
+            f"{hw.host_memory.capacity_gib:g} GiB",
+            source=source,
+            field="hardware.host_memory.capacity_gib",
+        )
+    return mem
+
+
+def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int) -> StageTimes:
+    """Precompute the GPU time of each stage: dense parts per MoE layer, attention per step,
+    the tail, and expert time by token count."""
+    m, rt, wl = scenario.model, scenario.runtime, scenario.workload
+    B = wl.batch_size
+    eager = rt.launch_mode == "eager"
+    blocks_before = []
+    prev = -1
+    for l in model_layers:
+        blocks_before.append(list(range(prev + 1, l + 1)))
+        prev = l
+    tail = list(range(prev + 1, m.num_layers))
+    dense_base, dense_blocks, dense_mb = [], [], []
+    for blocks in blocks_before:
+        t = 0.0
+        mb_t = 0.0
+        for b in blocks:
+            op = predictor.block_dense(b, B, rt.dense_kernels_per_layer if eager else 1)
+            t += op.time_s
+            mb_t += op.time_s if op.memory_bound else 0.0
+        dense_base.append(t)
+        dense_blocks.append(len(blocks))
+        dense_mb.append(mb_t >= 0.5 * t)
+    ctx = wl.context_tokens + np.arange(steps)
+    attn, _ = predictor.attention_core(B, ctx)
+    tail_t = 0.0
+    for b in tail:
+        tail_t += predictor.block_dense(b, B, rt.dense_kernels_per_layer if eager else 1).time_s
+    head = predictor.head(B, rt.head_kernels if eager else 1)
+    k_exp = rt.kernels_per_expert if eager else 1
+    # a token picks an expert at most once, so one expert serves at most B tokens per step
+    texp, tmb = predictor.expert_times(np.arange(B + 1), kernels=k_exp)
+    return StageTimes(
+        dense_base=dense_base,
+        dense_blocks=dense_blocks,
+        dense_membound=dense_mb,
+        attn=attn.tolist(),
+        tail_base=tail_t + head.time_s,
+        tail_blocks=len(tail),
+        tail_membound=head.memory_bound,
+        expert=texp.tolist(),
+        expert_membound=[bool(x) for x in tmb],
+    )
+
+
+def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True, progress=None) -> Prepared:
+    """Build and check everything for a run of ``scenario``; raises InputError on bad input."""
+    from moesim.traces import check_trace_against_model
+
+    m, hw, wl, rt = scenario.model, scenario.hardware, scenario.workload, scenario.runtime
+    trace, sha = load_routing(scenario, source)
+    tsrc = scenario.trace.path or source
+    trace_layers = check_trace_against_model(
+        trace,
+        num_experts=m.num_experts,
+        moe_layers=m.moe_layers,
+        layers=scenario.trace.layers,
+        source=tsrc,
+    )
+    trace_layers = tuple(int(x) for x in trace_layers)
+    model_layers, col_src, borrowed = map_columns(m, trace_layers)
+    try:
+        plan = build_plan(
+            np.asarray(trace.experts),
+            batch_size=wl.batch_size,
+            max_tokens=wl.max_tokens,
+            loop_trace=wl.loop_trace,
+        )
+    except ValueError as exc:
+        raise InputError(str(exc), source=source, field="workload.batch_size") from None
+    warm_steps = wl.warmup_tokens // wl.batch_size
+    if warm_steps >= plan.steps:
+        raise InputError(
+            f"warm-up of {warm_steps} steps leaves nothing to measure in {plan.steps} steps",
+            source=source,
+            field="workload.warmup_tokens",
+        )
+    if not rt.wait_for_router:
+        if scenario.policies.cache.kind != "all_resident":
+            raise InputError(
+                "false needs every expert resident (policies.cache.kind: all_resident): without "
+                "reading the router the host cannot decide loads",
+                source=source,
+                field="runtime.wait_for_router",
+            )
+        if rt.launch_mode == "eager":
+            raise InputError(
+                "false needs launch_mode graph or fused (eager launches need the experts on the host)",
+                source=source,
+                field="runtime.wait_for_router",
+            )
+
+    cache_cls = registry("cache")[scenario.policies.cache.kind]
+    setup = CacheSetup(
+        num_columns=len(model_layers),
+        num_experts=m.num_experts,
+        expert_bytes=m.expert_bytes,
+        top_k=m.top_k,
+        model_layers=tuple(model_layers),
+        max_distinct_per_step=plan.max_distinct,
+        source=source,
+    )
+    cache = cache_cls(scenario.policies.cache, setup)
+    if cache.transient_buffer_count() == 0 and scenario.policies.cache.kind != "all_resident":
+        raise InputError("needs at least one transient buffer", source=source, field="policies.cache")
+    memory = memory_check(scenario, cache, source)
+    predictor = Predictor(m, hw)
+    link = LinkModel(hw)
+    copy_s = link.duration_s(m.expert_bytes, "h2d", pinned=rt.host_memory == "pinned")
+    stages = stage_times(scenario, predictor, model_layers, plan.steps)
+    engine = SingleGpuEngine(
+        plan=plan,
+        col_src=col_src,
+        model_layers=model_layers,
+        cache=cache,
+        stage=stages,
+        hw=hw,
+        runtime=rt,
+        expert_bytes=m.expert_bytes,
+        copy_s=copy_s,
+        warmup_steps=warm_steps,
+        record_timeline=record_timeline,
+        progress=progress,
+    )
+    note = routing_note(scenario, trace, trace_layers, borrowed, plan)
+    return Prepared(
+        scenario=scenario,
+        trace=trace,
+        trace_sha256=sha,
+        plan=plan,
+        col_src=col_src,
+        model_layers=model_layers,
+        engine=engine,
+        predictor=predictor,
+        memory=memory,
+        routing_note=note,
+        notes=list(plan.notes),
+    )
+
+
+def routing_note(scenario, trace, trace_layers, borrowed, plan) -> str:
+    """Where the routing came from and which replay assumptions the run makes."""
+    m = scenario.model
+    meta = trace.meta or {}
+    parts = []
+    if scenario.trace.path is not None:
+        src = meta.get("source") or "unknown source"
+        parts.append(f"routing replayed from trace {scenario.trace.path} ({src})")
+    else:
+        parts.append(f"routing from the synthetic generator ({meta.get('source', 'moesim.traces.synthetic')})")
+    tmodel = meta.get("model")
+    if tmodel and _norm_model_name(str(tmodel)) != _norm_model_name(m.name):
+        parts.append(
+            f"WARNING: trace captured from {tmodel} but replayed on model {m.name}: routing is not that model's"
+        )
+    k = trace.experts.shape[2]
+    if k != m.top_k:
+        parts.append(f"trace has {k} experts per token, the model's top_k is {m.top_k}; the trace's choices are replayed")
+    if borrowed:
+        shown = ", ".join(f"{l}<-{src}" for l, src in borrowed[:6])
+        more = f" (+{len(borrowed) - 6} more)" if len(borrowed) > 6 else ""
+        parts.append(
+            f"{len(borrowed)} of {len(m.moe_layers)} MoE layers have no trace column and replay the "
+            f"nearest traced layer's routing (model layer<-traced layer: {shown}{more})"
+        )
+    if trace.request is not None:
+        parts.append("trace request ids ignored: consecutive rows form each decode step")
+    parts.extend(plan.notes)
+    parts.append("routing is treated as independent of system choices (precision, skipping, merging)")
+    return "; ".join(parts)

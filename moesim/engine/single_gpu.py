@@ -1,0 +1,466 @@
+"""Batched decode on one GPU with experts offloaded to host memory.
+
+Actors and timelines (DESIGN 4.1): the host is a SimPy process (``host_loop``) that spends host
+time launching kernels, issuing copies and reading router outputs back; it waits (a SimPy event)
+only where it must: for each layer's router output, and for the sampled token at the end of each
+step. The GPU compute stream and the host-to-device copy engine are in-order timelines: an op
+starts at max(stream free, the host's issue time, the events it waits on) — bookkeeping on floats,
+recorded as timeline rows, no SimPy event.
+
+Per MoE layer of a step:
+
+1. *dense stage*: the non-MoE blocks since the previous MoE layer and this block's attention, router
+   and shared experts, launched kernel by kernel (eager), one CUDA graph per block (graph/fused);
+2. *router read-back*: the host waits for the router output and pays the read-back cost;
+3. *cache decision*: hits are touched, misses loaded (victims from the cache policy; a load waits
+   for the slot's previous user to finish), overflow streamed through transient buffers;
+4. *copies* are issued first (FIFO on the copy engine; setup + bytes at the link's rate; a pageable
+   copy blocks the host), then *expert kernels*: resident ones first, then each loaded expert after
+   its copy. Tokens of the batch that share an expert share one load and one kernel whose time
+   depends on their count. Memory-bound kernels are slowed by the calibrated factor while a copy
+   runs (compute-bound ones by theirs).
+
+A sequence of ``n`` equal kernels launched at ``λ`` host seconds each from host time ``h0`` with
+total GPU time ``G`` ends at ``max(start + G, h0 + nλ + G/n)`` (the first kernel cannot start before
+``h0 + λ``, and the last not before ``h0 + nλ``): launch-bound small kernels fall out of this
+closed form without one event per kernel.
+
+Critical path (DESIGN 3.4): every second of a step lies on the compute stream's timeline, either in
+an op (GPU compute, plus any launch-bound stretch = host) or in a gap before an op, attributed to
+what the op waited for (its copy = copy_wait; its launch = host); the time from the last op to the
+step's end is the host reading the token back. The parts sum to the step time exactly.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+CP_KEYS = ("gpu_compute", "copy_wait", "host", "cpu_expert", "comm", "idle")
+
+# timeline row: (resource, kind, start_s, end_s, step, layer, expert, bytes)
+TIMELINE_COLUMNS = ("resource", "kind", "start_s", "end_s", "step", "layer", "expert", "bytes")
+
+
+@dataclass
+class StageTimes:
+    """Precomputed GPU times of the stages of one step (seconds)."""
+
+    dense_base: list  # per MoE column: non-attention-core time of its dense stage
+    dense_blocks: list  # per MoE column: blocks in the stage (attention cores to add)
+    dense_membound: list
+    attn: list  # per step: attention-core time of one block
+    tail_base: float  # trailing dense blocks + LM head
+    tail_blocks: int
+    tail_membound: bool
+    expert: list  # index = token count
+    expert_membound: list
+
+
+@dataclass
+class EngineResult:
+    """Raw outputs of one engine run; :mod:`moesim.metrics` turns them into the summary."""
+
+    steps: int
+    warmup_steps: int
+    batch_size: int
+    step_end_s: np.ndarray  # end time of each step
+    step_parts_s: np.ndarray  # [steps, len(CP_KEYS)] critical-path seconds per step
+    busy_s: dict  # resource -> busy seconds during measured steps
+    counters: dict  # cache / transfer counters over measured steps
+    per_column: dict  # name -> np.ndarray per MoE column (measured steps)
+    events: int
+    timeline: list = field(default_factory=list)
+    measure_start_s: float = 0.0
+
+
+class SingleGpuEngine:
+    """Replays a :class:`~moesim.engine.plan.DecodePlan` on one GPU under a cache policy."""
+
+    def __init__(
+        self,
+        *,
+        plan,
+        col_src: list,
+        model_layers: list,
+        cache,
+        stage: StageTimes,
+        hw,
+        runtime,
+        expert_bytes: int,
+        copy_s: float,
+        warmup_steps: int,
+        record_timeline: bool = True,
+        progress=None,
+    ):
+        self.plan = plan
+        self.col_src = col_src
+        self.model_layers = model_layers
+        self.cache = cache
+        self.stage = stage
+        self.hw = hw
+        self.runtime = runtime
+        self.expert_bytes = expert_bytes
+        self.copy_s = copy_s
+        self.warmup_steps = warmup_steps
+        self.record = record_timeline
+        self.progress = progress
+        self.gpu_id = "gpu0"
+        self.link_id = "link." + hw.link.name
+
+    def run(self) -> EngineResult:
+        """Run the simulation to the end of the plan."""
+        env = simpy.Environment()
+        self._events = 0
+        env.process(self.host_loop(env))
+        env.run()
+        return self._result
+
+    # The hot loop: locals, not attributes, for speed.
+    def host_loop(self, env):  # noqa: C901 - one tight loop on purpose
+        """The host thread: issues every stage of every step and waits where a runtime must."""
+        plan, cache, st, rt, hw = self.plan, self.cache, self.stage, self.runtime, self.hw
+        C = len(self.col_src)
+        S = plan.steps
+        col_src = self.col_src
+        mlayers = self.model_layers
+        E = cache.E
+        rec = self.record
+        tl = [] if rec else None
+        gpu_c, gpu_h2d, host_r, link_r = "gpu0.compute", "gpu0.h2d", "host0", self.link_id
+        eager = rt.launch_mode == "eager"
+        fused = rt.launch_mode == "fused"
+        lam = hw.host.launch_us * 1e-6
+        lam_g = hw.host.graph_launch_us * 1e-6
+        iota = hw.host.copy_issue_us * 1e-6
+        rho = hw.host.router_readback_us * 1e-6
+        pageable = rt.host_memory == "pageable"
+        wait_router = rt.wait_for_router
+        f_mem = hw.gpu.copy_interference.memory_bound_slowdown
+        f_cmp = hw.gpu.copy_interference.compute_bound_slowdown
+        dk = rt.dense_kernels_per_layer
+        ek = rt.kernels_per_expert
+        texp, tmb = st.expert, st.expert_membound
+        copy_s = self.copy_s
+        xb = self.expert_bytes
+        nbuf = max(1, cache.transient_buffer_count())
+        tbuf = [0.0] * nbuf
+        group_launch = fused or not wait_router
+        lam_grp = lam if fused else lam_g  # one fused kernel, or one graph, per group
+        n_exp, lam_exp = (ek, lam) if eager else (1, lam_g)
+        last_end: dict = {}
+        copies = deque()  # (start, end) of copies that may still overlap future kernels
+        warm = self.warmup_steps
+
+        # measured counters
+        n_acc = n_hit = n_miss = n_evict = n_copies = n_stream = 0
+        bytes_h2d = 0
+        busy_gpu = busy_cp = busy_host = 0.0
+        col_hits = [0] * C
+        col_miss = [0] * C
+        col_loads = [0] * C
+        col_stream = [0] * C
+        col_evict = [0] * C
+        col_tokens = [0] * C
+        col_distinct = [0] * C
+        step_end = np.zeros(S)
+        parts = np.zeros((S, len(CP_KEYS)))
+        events = 0
+
+        def stretch(start, dur, factor):
+            # kernel starting at `start` with nominal `dur` runs at 1/factor speed while a copy runs
+            if factor == 1.0 or not copies:
+                return dur
+            while copies and copies[0][1] <= start:
+                copies.popleft()
+            t = start
+            left = dur
+            for cs, ce in copies:
+                if left <= 0.0:
+                    break
+                if cs > t:
+                    free = cs - t
+                    if free >= left:
+                        return t + left - start
+                    left -= free
+                    t = cs
+                # inside [t, ce): progress at 1/factor
+                span = ce - t
+                work = span / factor
+                if work >= left:
+                    return t + left * factor - start
+                left -= work
+                t = ce
+            return t + left - start
+
+        host = 0.0
+        gpu = 0.0
+        cp = 0.0
+        ready: dict = {}
+        stream_slot: dict = {}
+        tbi = 0
+
+        def issue_copy(e, slot, kind, s, layer, measured):
+            # host issues one expert copy; it starts when the engine, the host and its slot are free
+            nonlocal host, cp, busy_cp, busy_host
+            host += iota
+            cs = cp
+            if host > cs:
+                cs = host
+            if slot > cs:
+                cs = slot
+            ce = cs + copy_s
+            if pageable:
+                host = ce  # a pageable copy blocks the host thread until it is done
+            cp = ce
+            ready[e] = ce
+            copies.append((cs, ce))
+            if rec:
+                tl.append((gpu_h2d, kind, cs, ce, s, layer, e, xb))
+            if measured:
+                busy_cp += copy_s
+                busy_host += iota + (ce - cs if pageable else 0.0)
+
+        def issue_stream(e, s, layer, measured):
+            # a streamed expert takes the next transient buffer of the ring
+            nonlocal tbi
+            b = tbi
+            tbi = (tbi + 1) % nbuf
+            stream_slot[e] = b
+            issue_copy(e, tbuf[b], "copy_stream", s, layer, measured)
+
+        t_access = 0
+        step_start = 0.0
+        progress = self.progress
+        for s in range(S):
+            measured = s >= warm
+            g_c = c_w = h_c = 0.0  # critical-path parts of this step
+            prev = step_start
+            attn_s = st.attn[s]
+            for c in range(C):
+                layer = mlayers[c]
+                # ---- dense stage ---------------------------------------------------------------
+                G = st.dense_base[c] + st.dense_blocks[c] * attn_s
+                if eager:
+                    n, lm = st.dense_blocks[c] * dk, lam
+                else:
+                    n, lm = st.dense_blocks[c], lam_g
+                h0 = host
+                hb = h0 + lm
+                start = gpu if gpu > hb else hb
+                G = stretch(start, G, f_mem if st.dense_membound[c] else f_cmp)
+                end = start + G
+                lb = h0 + n * lm + G / n
+                if lb > end:
+                    end = lb
+                host = h0 + n * lm
+                if start > prev:
+                    h_c += start - prev
+                g_c += G
+                h_c += end - start - G
+                if rec:
+                    tl.append((gpu_c, "dense", start, end, s, layer, -1, 0))
+                    tl.append((host_r, "launch", h0, host, s, layer, -1, 0))
+                if measured:
+                    busy_gpu += end - start
+                    busy_host += host - h0
+                gpu = prev = end
+                # ---- router read-back --------------------------------------------------------------
+                if wait_router:
+                    t_ready = gpu if gpu > host else host
+                    host = t_ready + rho
+                    if rec:
+                        tl.append((host_r, "router_readback", t_ready, host, s, layer, -1, 0))
+                    if measured:
+                        busy_host += rho
+                    yield env.timeout(host - env.now)
+                    events += 1
+                # ---- cache decision ---------------------------------------------------------------
+                experts, counts = plan.row(s, col_src[c])
+                res = cache.access(c, experts, t_access)
+                t_access += 1
+                cnt = dict(zip(experts, counts))
+                base = c * E
+                ready.clear()
+                # ---- copies: demand loads first, then streamed experts ------------------------------
+                for e, evicted in res.loads:
+                    slot = 0.0
+                    for v in evicted:
+                        le = last_end.get(v, 0.0)
+                        if le > slot:
+                            slot = le
+                    issue_copy(e, slot, "copy", s, layer, measured)
+                streamed = res.streamed
+                ns = len(streamed)
+                # a streamed copy needs a free transient buffer; those beyond the ring's size are
+                # issued just before their kernel, once the buffer's previous kernel is known
+                for i in range(min(nbuf, ns)):
+                    issue_stream(streamed[i], s, layer, measured)
+                # ---- expert kernels -----------------------------------------------------------------------
+                loaded = [e for e, _ in res.loads]
+                if group_launch:
+                    ops = []
+                    if res.hits:
+                        ops.append(("expert_hit", res.hits))
+                    if loaded:
+                        ops.append(("expert_loaded", loaded))
+                    n, lm = 1, lam_grp
+                else:
+                    ops = [("expert_hit", [e]) for e in res.hits]
+                    ops += [("expert_loaded", [e]) for e in loaded]
+                    n, lm = n_exp, lam_exp
+                ops += [("expert_streamed", [e]) for e in streamed]
+                si = 0
+                for kind, grp in ops:
+                    if kind == "expert_streamed":
+                        if si >= nbuf:
+                            issue_stream(grp[0], s, layer, measured)
+                        si += 1
+                        n_op, lm_op = (1, lam_grp) if group_launch else (n, lm)
+                    else:
+                        n_op, lm_op = n, lm
+                    T = 0.0
+                    mb = False
+                    rd = 0.0
+                    for e in grp:
+                        k = cnt[e]
+                        T += texp[k]
+                        mb = mb or tmb[k]
+                        r = ready.get(e, 0.0)
+                        if r > rd:
+                            rd = r
+                    h0 = host
+                    hb = h0 + lm_op
+                    start = gpu if gpu > hb else hb
+                    if rd > start:
+                        start = rd
+                    T = stretch(start, T, f_mem if mb else f_cmp)
+                    end = start + T
+                    lb = h0 + n_op * lm_op + T / n_op
+                    if lb > end:
+                        end = lb
+                    host = h0 + n_op * lm_op
+                    if start > prev:
+                        if rd >= hb and rd > prev:
+                            c_w += start - prev
+                        else:
+                            h_c += start - prev
+                    g_c += T
+                    h_c += end - start - T
+                    gpu = prev = end
+                    for e in grp:
+                        b = stream_slot.pop(e, None)
+                        if b is not None:
+                            tbuf[b] = end
+                        else:
+                            last_end[base + e] = end
+                    if rec:
+                        tl.append((gpu_c, kind, start, end, s, layer, grp[0] if len(grp) == 1 else -1, 0))
+                        tl.append((host_r, "launch", h0, host, s, layer, -1, 0))
+                    if measured:
+                        busy_gpu += end - start
+                        busy_host += host - h0
+                # ---- counters ---------------------------------------------------------------------------
+                if measured:
+                    nh = len(res.hits)
+                    nl = len(res.loads)
+                    ns = len(res.streamed)
+                    ne = 0
+                    for _, ev in res.loads:
+                        ne += len(ev)
+                    n_acc += nh + nl + ns
+                    n_hit += nh
+                    n_miss += nl + ns
+                    n_stream += ns
+                    n_evict += ne
+                    n_copies += nl + ns
+                    bytes_h2d += (nl + ns) * xb
+                    col_hits[c] += nh
+                    col_miss[c] += nl + ns
+                    col_loads[c] += nl
+                    col_stream[c] += ns
+                    col_evict[c] += ne
+                    col_tokens[c] += sum(counts)
+                    col_distinct[c] += len(experts)
+            # ---- tail: trailing dense blocks, final norm, LM head, sampling -------------------------------
+            G = st.tail_base + st.tail_blocks * attn_s
+            if eager:
+                n, lm = st.tail_blocks * dk + rt.head_kernels, lam
+            else:
+                n, lm = st.tail_blocks + 1, lam_g
+            h0 = host
+            hb = h0 + lm
+            start = gpu if gpu > hb else hb
+            G = stretch(start, G, f_mem if st.tail_membound else f_cmp)
+            end = start + G
+            lb = h0 + n * lm + G / n
+            if lb > end:
+                end = lb
+            host = h0 + n * lm
+            if start > prev:
+                h_c += start - prev
+            g_c += G
+            h_c += end - start - G
+            gpu = end
+            t_ready = gpu if gpu > host else host
+            if rec:
+                tl.append((gpu_c, "head", start, end, s, -1, -1, 0))
+                tl.append((host_r, "launch", h0, host, s, -1, -1, 0))
+                tl.append((host_r, "token_readback", t_ready, t_ready + rho, s, -1, -1, 0))
+            host = t_ready + rho
+            h_c += host - gpu
+            if measured:
+                busy_gpu += end - start
+                busy_host += (h0 + n * lm - h0) + rho
+            yield env.timeout(host - env.now)
+            events += 1
+            step_end[s] = host
+            parts[s, 0] = g_c
+            parts[s, 1] = c_w
+            parts[s, 2] = h_c
+            step_start = host
+            if progress is not None and (s & 63) == 63:
+                progress(s + 1, S)
+        if progress is not None:
+            progress(S, S)
+
+        measure_start = step_end[warm - 1] if warm > 0 else 0.0
+        self._result = EngineResult(
+            steps=S,
+            warmup_steps=warm,
+            batch_size=plan.batch_size,
+            step_end_s=step_end,
+            step_parts_s=parts,
+            busy_s={
+                gpu_c: busy_gpu,
+                gpu_h2d: busy_cp,
+                "gpu0.d2h": 0.0,
+                host_r: busy_host,
+                "cpu0": 0.0,
+                link_r: busy_cp,
+            },
+            counters={
+                "accesses": n_acc,
+                "hits": n_hit,
+                "misses": n_miss,
+                "streamed": n_stream,
+                "evictions": n_evict,
+                "copies": n_copies,
+                "bytes_h2d": bytes_h2d,
+            },
+            per_column={
+                "hits": np.array(col_hits),
+                "misses": np.array(col_miss),
+                "loads": np.array(col_loads),
+                "streamed": np.array(col_stream),
+                "evictions": np.array(col_evict),
+                "routed_tokens": np.array(col_tokens),
+                "distinct_experts": np.array(col_distinct),
+            },
+            events=events,
+            timeline=tl if rec else [],
+            measure_start_s=float(measure_start),
+        )

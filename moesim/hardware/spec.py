@@ -1,0 +1,142 @@
+"""Hardware description: one host (CPU, DRAM, runtime costs), GPUs and the links between them.
+
+Units live in field names: ``_gb_s`` = 1e9 bytes/s, ``_us`` = microseconds, ``_gib`` = 2**30 bytes,
+``_tflops`` = 1e12 FLOP/s. Every preset carries a ``sources`` mapping from each numeric field's dotted
+path to where the number comes from (spec sheet, measurement file, or stated assumption).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from moesim.config.base import StrictModel
+
+GIB = 2**30
+DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
+
+
+class PeakFlops(StrictModel):
+    """Dense peak throughput per dtype in TFLOP/s (1e12 FLOP/s, without sparsity)."""
+
+    fp32: float = Field(gt=0)
+    bf16: float = Field(gt=0)
+    fp16: float = Field(gt=0)
+    fp8: float | None = Field(default=None, gt=0)
+    int8: float | None = Field(default=None, gt=0)
+
+    def for_dtype(self, dtype: str) -> float:
+        """Peak TFLOP/s for ``dtype``; formats without native support fall back to bf16 math."""
+        if dtype in ("int4", "int8"):
+            return self.int8 or self.bf16
+        if dtype == "fp8":
+            return self.fp8 or self.bf16
+        return float(getattr(self, dtype))
+
+
+class CopyInterference(StrictModel):
+    """Slow-down factors (>= 1) of GPU kernels while a host<->GPU copy runs concurrently."""
+
+    memory_bound_slowdown: float = Field(default=1.0, ge=1.0)
+    compute_bound_slowdown: float = Field(default=1.0, ge=1.0)
+
+
+class GpuSpec(StrictModel):
+    """One GPU: memory, peak throughput, efficiencies and fixed per-kernel GPU time."""
+
+    name: str
+    hbm_gib: float = Field(gt=0, description="device memory capacity, GiB")
+    hbm_bandwidth_gb_s: float = Field(gt=0, description="peak device memory bandwidth, GB/s")
+    peak_tflops: PeakFlops
+    compute_efficiency: float = Field(default=0.7, gt=0, le=1.0)
+    memory_efficiency: float = Field(default=0.8, gt=0, le=1.0)
+    kernel_fixed_us: float = Field(default=2.0, ge=0, description="GPU-side fixed time per kernel")
+    reserved_gib: float = Field(
+        default=1.0, ge=0, description="memory taken by the runtime, workspace and activations"
+    )
+    unified_memory: bool = Field(default=False, description="GPU shares DRAM with the CPU (Jetson)")
+    copy_interference: CopyInterference = Field(default_factory=CopyInterference)
+
+
+class HostSpec(StrictModel):
+    """Host-thread costs of driving the GPU (the host is an actor in the simulation)."""
+
+    launch_us: float = Field(ge=0, description="host time to enqueue one kernel")
+    graph_launch_us: float = Field(ge=0, description="host time to launch one CUDA graph")
+    copy_issue_us: float = Field(ge=0, description="host time to issue one async copy")
+    router_readback_us: float = Field(
+        ge=0, description="small device-to-host copy + synchronize, after the GPU result is ready"
+    )
+
+
+class CpuSpec(StrictModel):
+    """Host CPU: cores, DRAM bandwidth and peak FLOP/s (all sockets together)."""
+
+    name: str
+    sockets: int = Field(default=1, ge=1)
+    cores_per_socket: int = Field(ge=1)
+    dram_bandwidth_gb_s: float = Field(gt=0)
+    peak_gflops_fp32: float = Field(gt=0)
+    peak_gflops_bf16: float = Field(gt=0)
+
+    @property
+    def cores(self) -> int:
+        """Total cores over all sockets."""
+        return self.sockets * self.cores_per_socket
+
+
+class HostMemorySpec(StrictModel):
+    """Host DRAM: capacity and the bandwidth of pageable (non-pinned) copies by size."""
+
+    capacity_gib: float = Field(gt=0)
+    pageable_h2d_gb_s: list[tuple[float, float]] = Field(
+        description="[[size_bytes, GB/s], ...] increasing sizes; interpolated in log(size)"
+    )
+
+    @field_validator("pageable_h2d_gb_s")
+    @classmethod
+    def _check_table(cls, v):
+        if not v:
+            raise ValueError("needs at least one [size_bytes, GB/s] row")
+        sizes = [r[0] for r in v]
+        if any(s <= 0 for s in sizes) or any(b <= 0 for _, b in v):
+            raise ValueError("sizes and bandwidths must be positive")
+        if sizes != sorted(sizes) or len(set(sizes)) != len(sizes):
+            raise ValueError("sizes must be strictly increasing")
+        return v
+
+
+class LinkSpec(StrictModel):
+    """A host<->GPU link (PCIe, or the memory bus of a unified-memory SoC)."""
+
+    name: str = "pcie0"
+    kind: Literal["pcie", "unified", "nvlink-c2c"] = "pcie"
+    generation: int | None = Field(default=None, ge=1)
+    width: int | None = Field(default=None, ge=1)
+    h2d_bandwidth_gb_s: float = Field(gt=0, description="pinned host->device rate, one direction")
+    d2h_bandwidth_gb_s: float = Field(gt=0, description="pinned device->host rate, one direction")
+    setup_us: float = Field(ge=0, description="fixed cost per transfer (DMA set-up, latency)")
+    bidirectional_derate: float = Field(
+        default=1.0, gt=0, le=1.0, description="fraction of the one-way rate each direction keeps when both run"
+    )
+
+
+class HardwareSpec(StrictModel):
+    """A machine: one host with its CPU, DRAM and runtime costs, one GPU, one host link."""
+
+    name: str
+    description: str = ""
+    gpu: GpuSpec
+    host: HostSpec
+    cpu: CpuSpec
+    host_memory: HostMemorySpec
+    link: LinkSpec
+    expert_profile: str | None = Field(
+        default=None, description="name of a measured expert-time table in moesim/perf/tables"
+    )
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        return self

@@ -1,0 +1,111 @@
+"""``summary.json``: every key of DESIGN 3.4, computed from an engine result in one place."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim import __version__
+from moesim.engine.single_gpu import CP_KEYS, EngineResult
+
+SCHEMA_VERSION = 1
+
+
+def percentiles(values_ms: np.ndarray) -> dict | None:
+    """``{mean, p50, p90, p99}`` of ``values_ms`` (linear interpolation), or None when empty."""
+    v = np.asarray(values_ms, dtype=np.float64)
+    if v.size == 0:
+        return None
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def step_latencies_s(res: EngineResult) -> np.ndarray:
+    """Duration of every measured decode step (seconds)."""
+    ends = res.step_end_s
+    starts = np.concatenate([[0.0], ends[:-1]])
+    return (ends - starts)[res.warmup_steps :]
+
+
+def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: float) -> dict:
+    """The summary dict of one run (JSON-able; deterministic apart from ``wall_time_s``)."""
+    sc = prep.scenario
+    B = res.batch_size
+    lat = step_latencies_s(res)
+    measured_steps = len(lat)
+    window = float(res.step_end_s[-1] - res.measure_start_s)
+    tokens = measured_steps * B
+    c = res.counters
+    acc = c["accesses"]
+    parts = res.step_parts_s[res.warmup_steps :].sum(axis=0) * 1e3
+    cp = {k: float(parts[i]) for i, k in enumerate(CP_KEYS)}
+    cp["total"] = float(window * 1e3)
+    util = {k: (float(v / window) if window > 0 else 0.0) for k, v in sorted(res.busy_s.items())}
+    per_layer = []
+    pc = res.per_column
+    for i, layer in enumerate(prep.model_layers):
+        h, m_ = int(pc["hits"][i]), int(pc["misses"][i])
+        per_layer.append(
+            {
+                "layer": int(layer),
+                "trace_column": int(prep.col_src[i]),
+                "accesses": h + m_,
+                "hits": h,
+                "misses": m_,
+                "hit_rate": (h / (h + m_)) if h + m_ else None,
+                "loads": int(pc["loads"][i]),
+                "streamed": int(pc["streamed"][i]),
+                "evictions": int(pc["evictions"][i]),
+                "routed_tokens": int(pc["routed_tokens"][i]),
+                "mean_tokens_per_expert": (
+                    float(pc["routed_tokens"][i] / pc["distinct_experts"][i]) if pc["distinct_experts"][i] else None
+                ),
+            }
+        )
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": sc.name,
+        "scenario_hash": scenario_hash,
+        "seed": sc.seed,
+        "moesim_version": __version__,
+        "wall_time_s": float(wall_time_s),
+        "events_processed": int(res.events),
+        "sim_time_s": float(res.step_end_s[-1]),
+        "measured_time_s": window,
+        "tokens": int(tokens),
+        "requests": int(B),
+        "layer_steps": int(measured_steps * len(prep.model_layers)),
+        "decode_steps": int(measured_steps),
+        "warmup_steps": int(res.warmup_steps),
+        "tpot_ms": percentiles(lat * 1e3),
+        "ttft_ms": None,
+        "e2e_ms": None,
+        "throughput_tok_s": float(tokens / window) if window > 0 else 0.0,
+        "cache": {
+            "policy": sc.policies.cache.kind,
+            "accesses": int(acc),
+            "hits": int(c["hits"]),
+            "misses": int(c["misses"]),
+            "hit_rate": float(c["hits"] / acc) if acc else None,
+            "streamed": int(c["streamed"]),
+            "prefetch_issued": 0,
+            "prefetch_used": 0,
+            "prefetch_wasted": 0,
+            "evictions": int(c["evictions"]),
+            "slots": int(prep.engine.cache.slots_total()),
+        },
+        "transfers": {
+            "bytes_h2d": int(c["bytes_h2d"]),
+            "bytes_d2h": 0,
+            "bytes_ssd": 0,
+            "bytes_network": 0,
+            "copies": int(c["copies"]),
+            "expert_bytes": int(sc.model.expert_bytes),
+        },
+        "utilization": util,
+        "critical_path_ms": cp,
+        "memory": prep.memory,
+        "per_layer": per_layer,
+        "predictor": {"expert": prep.predictor.expert_source, "dense": "roofline"},
+        "routing_note": prep.routing_note,
+    }
+    return summary

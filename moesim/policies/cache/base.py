@@ -1,0 +1,274 @@
+"""The cache-policy interface and the accounting every cache policy shares.
+
+Accounting (DESIGN 3.2): one access = one (decode step, MoE layer, distinct expert). Within a step
+the distinct experts arrive in order of first appearance; hits are touched first, then misses are
+loaded; a miss never evicts an expert the same step needs (``protect``); a miss that finds no room
+(every resident expert is protected, or the policy declines to admit it) is *streamed*: loaded into
+a transient buffer, used, not cached, and counted as a miss.
+
+Pools are sized in bytes so that experts of different sizes or precisions can share one pool; with
+uniform experts a pool of ``C`` slots has ``C * expert_bytes`` bytes. A key is the integer
+``column * num_experts + expert`` where ``column`` is the trace's MoE-layer column.
+
+A subclass implements four hooks (``_on_hit``, ``_on_insert``, ``_victim``, ``_on_evict``) and may
+override ``prepare`` (future-aware policies get the whole access sequence) or ``admit`` (bypass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from pydantic import Field, model_validator
+
+from moesim.errors import InputError
+from moesim.policies.base import Policy, PolicyConfig
+
+GIB = 2**30
+
+
+class CacheConfig(PolicyConfig):
+    """Common fields of capacity-limited caches.
+
+    ``capacity_experts`` is the total number of expert slots in GPU memory; ``capacity_gib`` the
+    whole expert-cache budget (slots = budget // expert bytes). With ``scope: per_layer`` the total
+    is split equally over the MoE layers (floor). ``warm_start``: ``none`` (cold), ``first``, or an
+    explicit ``{model_layer: [experts, least recent first]}``.
+    """
+
+    capacity_experts: int | None = Field(default=None, ge=0)
+    capacity_gib: float | None = Field(default=None, gt=0)
+    scope: Literal["global", "per_layer"] = "global"
+    warm_start: Literal["none", "first"] | dict[int, list[int]] = "none"
+    transient_buffers: int = Field(
+        default=2, ge=1, description="buffers for streamed (uncached) experts, beyond the cache"
+    )
+
+    @model_validator(mode="after")
+    def _one_capacity(self):
+        if self.capacity_experts is not None and self.capacity_gib is not None:
+            raise ValueError("give capacity_experts or capacity_gib, not both")
+        return self
+
+
+@dataclass
+class CacheSetup:
+    """What a cache policy is told about the run when it is built."""
+
+    num_columns: int  # MoE layers in the trace
+    num_experts: int
+    expert_bytes: int  # bytes of one expert at the cached precision
+    top_k: int
+    model_layers: tuple[int, ...]  # model layer index of each column
+    max_distinct_per_step: int  # most distinct experts one (step, layer) can need
+    source: str = "scenario"
+
+
+@dataclass
+class Pool:
+    """One pool of GPU memory for experts: its capacity and what is resident (policy-ordered)."""
+
+    index: int
+    capacity_bytes: int
+    used_bytes: int = 0
+    order: dict = field(default_factory=dict)  # resident keys; policies may keep them ordered
+
+
+@dataclass
+class AccessResult:
+    """Outcome of one (step, layer) access: hits, loads with the keys they evicted, streamed."""
+
+    hits: list
+    loads: list  # [(expert, [evicted keys])]
+    streamed: list
+
+
+class CachePolicy(Policy):
+    """Base of cache policies: pools, capacity, warm start and the shared accounting."""
+
+    family = "cache"
+
+    def __init__(self, config, setup: CacheSetup):
+        super().__init__(config)
+        self.setup = setup
+        self.E = setup.num_experts
+        self.expert_bytes = setup.expert_bytes
+        self.pools: list[Pool] = []
+        self.pool_of_column: list[Pool] = []
+        self.resident: dict[int, Pool] = {}
+        self._build_pools()
+
+    # ----- capacity -----------------------------------------------------------------------------
+    def slots_total(self) -> int:
+        """Expert slots of the whole cache (all pools)."""
+        c = self.config
+        if c.capacity_experts is not None:
+            return c.capacity_experts
+        if c.capacity_gib is not None:
+            return int(c.capacity_gib * GIB // self.expert_bytes)
+        raise InputError(
+            "needs capacity_experts or capacity_gib", field="policies.cache", source=self.setup.source
+        )
+
+    def _build_pools(self) -> None:
+        s = self.setup
+        total = self.slots_total()
+        field_name = "policies.cache." + (
+            "capacity_experts" if self.config.capacity_experts is not None else "capacity_gib"
+        )
+        if self.config.scope == "per_layer":
+            per = total // s.num_columns
+            if per < s.top_k:
+                raise InputError(
+                    f"{total} slots over {s.num_columns} layers give {per} per layer, smaller "
+                    f"than top_k={s.top_k}; need at least {s.top_k * s.num_columns}",
+                    source=s.source,
+                    field=field_name,
+                )
+            self.pools = [Pool(i, per * self.expert_bytes) for i in range(s.num_columns)]
+            self.pool_of_column = list(self.pools)
+        else:
+            if total < s.top_k:
+                raise InputError(
+                    f"capacity of {total} expert slots is smaller than top_k={s.top_k}",
+                    source=s.source,
+                    field=field_name,
+                )
+            pool = Pool(0, total * self.expert_bytes)
+            self.pools = [pool]
+            self.pool_of_column = [pool] * s.num_columns
+        self._warm_start()
+
+    def _warm_start(self) -> None:
+        ws = self.config.warm_start
+        s = self.setup
+        if ws == "none":
+            return
+        if ws == "first":
+            if self.config.scope == "per_layer":
+                for col in range(s.num_columns):
+                    pool = self.pool_of_column[col]
+                    for e in range(min(self.E, pool.capacity_bytes // self.expert_bytes)):
+                        self._insert(pool, col * self.E + e, -1)
+            else:
+                pool = self.pools[0]
+                n = min(pool.capacity_bytes // self.expert_bytes, s.num_columns * self.E)
+                for key in range(n):
+                    self._insert(pool, key, -1)
+            return
+        col_of = {m: c for c, m in enumerate(s.model_layers)}
+        for layer in sorted(ws):
+            if layer not in col_of:
+                raise InputError(
+                    f"layer {layer} is not an MoE layer of the trace (columns: {list(s.model_layers)})",
+                    source=s.source,
+                    field=f"policies.cache.warm_start.{layer}",
+                )
+            col = col_of[layer]
+            pool = self.pool_of_column[col]
+            for e in ws[layer]:
+                if not 0 <= e < self.E:
+                    raise InputError(
+                        f"expert {e} out of range 0..{self.E - 1}",
+                        source=s.source,
+                        field=f"policies.cache.warm_start.{layer}",
+                    )
+                key = col * self.E + e
+                if key in self.resident:
+                    continue
+                if pool.used_bytes + self.size_of(key) > pool.capacity_bytes:
+                    raise InputError(
+                        "more warm-start experts than the cache holds",
+                        source=s.source,
+                        field=f"policies.cache.warm_start.{layer}",
+                    )
+                self._insert(pool, key, -1)
+
+    # ----- hooks for subclasses -----------------------------------------------------------------
+    def prepare(self, columns_steps) -> None:
+        """Called once before the run with the sequence of accesses (future-aware policies)."""
+
+    def size_of(self, key: int) -> int:
+        """Bytes one cached copy of ``key`` takes (uniform experts by default)."""
+        return self.expert_bytes
+
+    def admit(self, pool: Pool, key: int, t: int) -> bool:
+        """Whether a missed ``key`` may enter the cache (False = stream it)."""
+        return True
+
+    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
+        raise NotImplementedError
+
+    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
+        raise NotImplementedError
+
+    def _victim(self, pool: Pool, protect) -> int | None:
+        """The resident key of ``pool`` to evict, never one in ``protect``; None if none may go."""
+        raise NotImplementedError
+
+    def _on_evict(self, pool: Pool, key: int) -> None:
+        pass
+
+    # ----- shared accounting ----------------------------------------------------------------------
+    def _insert(self, pool: Pool, key: int, t: int) -> None:
+        pool.order[key] = None
+        pool.used_bytes += self.size_of(key)
+        self.resident[key] = pool
+        self._on_insert(pool, key, t)
+
+    def _evict(self, pool: Pool, key: int) -> None:
+        del pool.order[key]
+        pool.used_bytes -= self.size_of(key)
+        del self.resident[key]
+        self._on_evict(pool, key)
+
+    def access(self, column: int, experts: Sequence[int], t: int) -> AccessResult:
+        """Serve one (step, layer): ``experts`` are the distinct experts in first-appearance order;
+        ``t`` is the access clock (increases by one per (step, layer))."""
+        base = column * self.E
+        pool = self.pool_of_column[column]
+        resident = self.resident
+        hits = []
+        missed = []
+        for e in experts:
+            if base + e in resident:
+                hits.append(e)
+            else:
+                missed.append(e)
+        for e in hits:
+            self._on_hit(pool, base + e, t)
+        loads = []
+        streamed = []
+        if missed:
+            protect = {base + e for e in experts}
+            for e in missed:
+                key = base + e
+                size = self.size_of(key)
+                if not self.admit(pool, key, t) or size > pool.capacity_bytes:
+                    streamed.append(e)
+                    continue
+                evicted = []
+                while pool.used_bytes + size > pool.capacity_bytes:
+                    v = self._victim(pool, protect)
+                    if v is None:
+                        break
+                    self._evict(pool, v)
+                    evicted.append(v)
+                if pool.used_bytes + size > pool.capacity_bytes:
+                    streamed.append(e)  # evicted ones stay evicted: their room is simply unused
+                    continue
+                self._insert(pool, key, t)
+                loads.append((e, evicted))
+        return AccessResult(hits, loads, streamed)
+
+    def transient_buffer_count(self) -> int:
+        """GPU buffers for streamed experts (0 when the policy never streams)."""
+        return getattr(self.config, "transient_buffers", 0)
+
+    def resident_keys(self) -> list[int]:
+        """Every resident key (all pools)."""
+        return list(self.resident)
+
+    def resident_slots_bytes(self) -> int:
+        """GPU bytes reserved for the cache (all pools at capacity)."""
+        return sum(p.capacity_bytes for p in self.pools)

@@ -1,0 +1,1 @@
+"""Execution policies: where each expert (and attention) runs."""
