@@ -64,6 +64,19 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def merge_scenarios(base: dict, over: dict) -> dict:
+    """:func:`deep_merge` for scenario mappings, except that a ``policies.<family>`` block whose
+    ``kind`` differs from the included one replaces it (a new kind starts from its own defaults)."""
+    out = deep_merge(base, over)
+    bp, op = base.get("policies"), over.get("policies")
+    if isinstance(bp, dict) and isinstance(op, dict):
+        for fam, block in op.items():
+            old = bp.get(fam)
+            if isinstance(block, dict) and isinstance(old, dict) and "kind" in block and block["kind"] != old.get("kind"):
+                out["policies"][fam] = copy.deepcopy(block)
+    return out
+
+
 def _absolutise_paths(data: dict, base_dir: Path) -> None:
     trace = data.get("trace")
     if isinstance(trace, dict) and isinstance(trace.get("path"), str):
@@ -95,8 +108,8 @@ def load_raw(path: str | Path, _stack: tuple = ()) -> dict:
             inc_path = p.parent / inc_path
         if not inc_path.is_file():
             raise InputError(f"included file {inc!r} not found (looked at {inc_path})", source=str(path), field="include")
-        merged = deep_merge(merged, load_raw(inc_path, _stack + (p,)))
-    return deep_merge(merged, data)
+        merged = merge_scenarios(merged, load_raw(inc_path, _stack + (p,)))
+    return merge_scenarios(merged, data)
 
 
 # ----- --set overrides ----------------------------------------------------------------------------

@@ -11,22 +11,14 @@ from moesim.config.base import StrictModel
 from moesim.hardware.spec import HardwareSpec
 from moesim.models.spec import ModelSpec
 from moesim.policies.base import FAMILIES, registry
-
-
-class SyntheticTrace(StrictModel):
-    """A synthetic routing trace made at run time (per-layer Zipf popularity + temporal reuse)."""
-
-    tokens: int = Field(default=4096, ge=1)
-    zipf_s: float = Field(default=1.0, ge=0)
-    reuse_prob: float = Field(default=0.3, ge=0, le=1)
-    seed: int | None = Field(default=None, description="None: derived from the scenario seed")
+from moesim.traces.synthetic import SyntheticTraceConfig
 
 
 class TraceConfig(StrictModel):
     """Where the routing comes from: a trace file, or a synthetic generator."""
 
     path: str | None = None
-    synthetic: SyntheticTrace | None = None
+    synthetic: SyntheticTraceConfig | None = None
     layers: list[int] | None = Field(
         default=None, description="model MoE layer index of each trace column"
     )
@@ -108,7 +100,7 @@ def scenario_model():
         __base__=StrictModel,
         name=(str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")),
         description=(str, ""),
-        seed=(int, 0),
+        seed=(int, Field(default=0, ge=0)),
         model=(ModelSpec, ...),
         hardware=(HardwareSpec, ...),
         trace=(TraceConfig, ...),

@@ -36,27 +36,16 @@ class Prepared:
 
 def load_routing(scenario, source: str):
     """The scenario's trace: loaded from ``trace.path`` or synthesised (seeded)."""
-    from moesim.traces import load_trace, synthesize
+    from moesim.traces import load_trace
 
     tc = scenario.trace
     m = scenario.model
     if tc.path is not None:
         trace = load_trace(tc.path)
         return trace, trace.sha256
-    syn = tc.synthetic
-    seed = syn.seed
-    if seed is None:  # derive one from the scenario seed (SeedSequence, not global state)
-        seed = int(np.random.SeedSequence(scenario.seed).generate_state(1)[0])
     layers = list(tc.layers) if tc.layers else list(m.moe_layers)
-    trace = synthesize(
-        num_tokens=syn.tokens,
-        layers=layers,
-        num_experts=m.num_experts,
-        top_k=m.top_k,
-        zipf_s=syn.zipf_s,
-        reuse_prob=syn.reuse_prob,
-        seed=seed,
-        model_name=m.name,
+    trace = tc.synthetic.make(
+        layers=layers, num_experts=m.num_experts, top_k=m.top_k, scenario_seed=scenario.seed, model_name=m.name
     )
     return trace, None
 

@@ -87,16 +87,26 @@ class CpuSpec(StrictModel):
 
 
 class HostMemorySpec(StrictModel):
-    """Host DRAM: capacity and the bandwidth of pageable (non-pinned) copies by size."""
+    """Host DRAM: capacity and the bandwidth of pageable (non-pinned) copies by size.
+
+    The pageable tables give the rate a copy of that size runs at *after* the link's fixed
+    ``setup_us`` (duration = setup + bytes / rate; see :class:`moesim.hardware.links.LinkModel`).
+    """
 
     capacity_gib: float = Field(gt=0)
     pageable_h2d_gb_s: list[tuple[float, float]] = Field(
-        description="[[size_bytes, GB/s], ...] increasing sizes; interpolated in log(size)"
+        description="[[size_bytes, GB/s], ...] increasing sizes; interpolated log-log (power law)"
+    )
+    pageable_d2h_gb_s: list[tuple[float, float]] | None = Field(
+        default=None,
+        description="like pageable_h2d_gb_s for device->host copies; None = use the h2d table",
     )
 
-    @field_validator("pageable_h2d_gb_s")
+    @field_validator("pageable_h2d_gb_s", "pageable_d2h_gb_s")
     @classmethod
     def _check_table(cls, v):
+        if v is None:
+            return v
         if not v:
             raise ValueError("needs at least one [size_bytes, GB/s] row")
         sizes = [r[0] for r in v]

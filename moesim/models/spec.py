@@ -2,7 +2,14 @@
 
 A model is a stack of ``num_layers`` transformer blocks. Each block has attention and either a
 routed MoE FFN (with optional shared experts) or a dense FFN. Bytes are per the model's ``dtype``
-(``expert_dtype`` may differ: quantised experts). FLOPs count one multiply-add as 2 FLOPs.
+(``expert_dtype`` may differ: quantised experts; ``embedding_dtype`` and ``kv_dtype`` may differ
+too, as in FP8 checkpoints that keep embeddings and the KV cache in BF16). FLOPs count one
+multiply-add as 2 FLOPs. Parameter counts leave out norms, biases and other vectors (well under
+0.1% of any preset).
+
+A spec is a value: derived quantities are computed once and cached. Assigning a field clears the
+cache, and ``model_copy(update=...)`` re-validates, so both give consistent derived quantities;
+the nested :class:`AttentionSpec` is frozen.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from moesim.config.base import StrictModel
 
@@ -19,7 +26,12 @@ Dtype = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 
 
 class AttentionSpec(StrictModel):
-    """Attention shape: ``mha``/``gqa`` (num_kv_heads < num_heads) or DeepSeek's ``mla``."""
+    """Attention shape: ``mha``/``gqa`` (num_kv_heads < num_heads) or DeepSeek's ``mla``.
+
+    Frozen: the enclosing :class:`ModelSpec` caches quantities derived from it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["mha", "gqa", "mla"] = "gqa"
     num_heads: int = Field(ge=1)
@@ -72,6 +84,10 @@ class ModelSpec(StrictModel):
     attention: AttentionSpec
     dtype: Dtype = "bf16"
     expert_dtype: Dtype | None = Field(default=None, description="routed experts; default dtype")
+    embedding_dtype: Dtype | None = Field(
+        default=None, description="embedding table and LM head; default dtype"
+    )
+    kv_dtype: Dtype | None = Field(default=None, description="KV-cache elements; default dtype")
     tie_embeddings: bool = False
     source: str = Field(default="", description="where the numbers come from (config URL)")
 
@@ -83,14 +99,33 @@ class ModelSpec(StrictModel):
             raise ValueError("no MoE layer: check first_dense_layers / moe_layer_interval")
         return self
 
+    # ----- value semantics ---------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in type(self).model_fields:
+            self._clear_derived()
+
+    def _clear_derived(self) -> None:
+        for k in _CACHED:
+            self.__dict__.pop(k, None)
+
+    def model_copy(self, *, update=None, deep: bool = False):
+        """A copy; with ``update`` the merged fields are validated anew (pydantic's own
+        ``model_copy`` skips validation and would carry stale derived quantities over)."""
+        if update:
+            data = self.model_dump()
+            data.update(update)
+            return type(self).model_validate(data)
+        return super().model_copy(deep=deep)
+
     # ----- layer structure -------------------------------------------------------------------
     @cached_property
     def moe_layers(self) -> tuple[int, ...]:
         """Model block indices that have a routed MoE FFN, in order."""
+        step = self.moe_layer_interval
+        first = self.moe_layer_offset % step
         return tuple(
-            i
-            for i in range(self.num_layers)
-            if i >= self.first_dense_layers and i % self.moe_layer_interval == self.moe_layer_offset % self.moe_layer_interval
+            i for i in range(self.num_layers) if i >= self.first_dense_layers and i % step == first
         )
 
     # ----- bytes ---------------------------------------------------------------------------------
@@ -103,6 +138,16 @@ class ModelSpec(StrictModel):
     def expert_bytes_per_param(self) -> float:
         """Bytes of one routed-expert parameter."""
         return BYTES_PER_PARAM[self.expert_dtype or self.dtype]
+
+    @property
+    def embedding_bytes_per_param(self) -> float:
+        """Bytes of one embedding-table or LM-head parameter."""
+        return BYTES_PER_PARAM[self.embedding_dtype or self.dtype]
+
+    @property
+    def kv_bytes_per_element(self) -> float:
+        """Bytes of one KV-cache element."""
+        return BYTES_PER_PARAM[self.kv_dtype or self.dtype]
 
     @property
     def _ffn_mats(self) -> int:
@@ -145,8 +190,13 @@ class ModelSpec(StrictModel):
         a, h = self.attention, self.hidden_size
         if a.kind == "mla":
             qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-            q = h * a.num_heads * qk if a.q_lora_rank is None else h * a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
-            kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+            if a.q_lora_rank is None:  # direct query projection (DeepSeek-V2-Lite)
+                q = h * a.num_heads * qk
+            else:  # down-projection to q_lora_rank, then up to the heads
+                q = h * a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
+            # joint KV down-projection (latent + shared rope key), then K (nope part) and V up
+            kv = h * (a.kv_lora_rank + a.qk_rope_head_dim)
+            kv += a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
             o = a.num_heads * a.v_head_dim * h
             return q + kv + o
         hd = a.head_dim or h // a.num_heads
@@ -158,10 +208,10 @@ class ModelSpec(StrictModel):
         """KV-cache bytes one token adds in one block (MLA: the compressed latent + rope key)."""
         a = self.attention
         if a.kind == "mla":
-            return int((a.kv_lora_rank + a.qk_rope_head_dim) * self.bytes_per_param)
+            return int((a.kv_lora_rank + a.qk_rope_head_dim) * self.kv_bytes_per_element)
         hd = a.head_dim or self.hidden_size // a.num_heads
         kvh = a.num_kv_heads or a.num_heads
-        return int(2 * kvh * hd * self.bytes_per_param)
+        return int(2 * kvh * hd * self.kv_bytes_per_element)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -196,10 +246,19 @@ class ModelSpec(StrictModel):
         return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
 
     @cached_property
+    def blocks_dense_params(self) -> int:
+        """Parameters of all blocks that are not routed experts (no embedding or LM head)."""
+        return sum(self.block_dense_params(i) for i in range(self.num_layers))
+
+    @cached_property
     def dense_bytes(self) -> int:
         """Bytes of every weight that is not a routed expert (always resident on the GPU)."""
-        p = sum(self.block_dense_params(i) for i in range(self.num_layers)) + self.embedding_params
-        return int(round(p * self.bytes_per_param))
+        return int(
+            round(
+                self.blocks_dense_params * self.bytes_per_param
+                + self.embedding_params * self.embedding_bytes_per_param
+            )
+        )
 
     @cached_property
     def total_expert_bytes(self) -> int:
@@ -209,11 +268,15 @@ class ModelSpec(StrictModel):
     @cached_property
     def total_params(self) -> int:
         """All parameters (dense + routed experts)."""
-        dense = sum(self.block_dense_params(i) for i in range(self.num_layers)) + self.embedding_params
+        dense = self.blocks_dense_params + self.embedding_params
         return dense + self.expert_params * self.num_experts * len(self.moe_layers)
 
     @cached_property
     def active_params(self) -> int:
-        """Parameters used per token (dense + top_k routed experts per MoE block)."""
-        dense = sum(self.block_dense_params(i) for i in range(self.num_layers)) + self.embedding_params
+        """Parameters used per token: all non-expert weights (embedding table and LM head
+        included) plus ``top_k`` routed experts per MoE block."""
+        dense = self.blocks_dense_params + self.embedding_params
         return dense + self.expert_params * self.top_k * len(self.moe_layers)
+
+
+_CACHED = tuple(n for n, v in vars(ModelSpec).items() if isinstance(v, cached_property))

@@ -141,7 +141,7 @@ class Predictor:
         m = self.model
         params = m.vocab_size * m.hidden_size
         flops = 2.0 * params * batch
-        nbytes = params * m.bytes_per_param + batch * m.vocab_size * 4
+        nbytes = params * m.embedding_bytes_per_param + batch * m.vocab_size * 4
         return self.roofline(flops, nbytes, kernels)
 
 

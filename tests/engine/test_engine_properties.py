@@ -26,7 +26,7 @@ def _by_resource(tl, resource):
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b-h100-lru-c32.yaml", "mixtral-8x7b-h100-streaming.yaml",
-                                  "olmoe-1b-7b-rtx4090-lru-c256.yaml"])
+                                  "olmoe-1b-7b-rtx4090-lru-c512.yaml"])
 def test_bytes_time_order_and_link_rate(name):
     out = run(name)
     s, res, tl = out.summary, out.result, out.result.timeline
@@ -72,11 +72,11 @@ def test_lru_hit_rate_grows_with_capacity():
 
 
 def test_same_seed_same_summary():
-    a = run("olmoe-1b-7b-rtx4090-lru-c256.yaml", timeline=False).summary
-    b = run("olmoe-1b-7b-rtx4090-lru-c256.yaml", timeline=False).summary
+    a = run("olmoe-1b-7b-rtx4090-lru-c512.yaml", timeline=False).summary
+    b = run("olmoe-1b-7b-rtx4090-lru-c512.yaml", timeline=False).summary
     a.pop("wall_time_s"), b.pop("wall_time_s")
     assert a == b
-    c = run("olmoe-1b-7b-rtx4090-lru-c256.yaml", "seed=1", timeline=False).summary
+    c = run("olmoe-1b-7b-rtx4090-lru-c512.yaml", "seed=1", timeline=False).summary
     assert c["scenario_hash"] != a["scenario_hash"]
     assert c["cache"] != a["cache"]  # the synthetic trace follows the seed
 

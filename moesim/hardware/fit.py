@@ -1,0 +1,569 @@
+"""Fit hardware-model parameters from component measurements of one GPU machine.
+
+The input is a measurement folder laid out like ``validate/measurements/external/h100-sxm/``
+(``env.json``, ``link.json``, ``expert_gpu.json``, ``expert_cpu.json``; see its README). Each
+``fit_*`` function turns one part of it into parameters of
+:class:`moesim.hardware.spec.HardwareSpec`; :func:`fit_h100` collects them under their dotted spec paths (``"link.h2d_bandwidth_gb_s"``) rounded
+to :data:`SIG_DIGITS` significant digits, which is what the preset
+``moesim/hardware/presets/h100-sxm-pcie5.yaml`` holds (a test keeps the two equal).
+:func:`fit_report` gives the unrounded values plus diagnostics (residuals, alternatives not chosen).
+
+Units follow the spec: GB/s = 1e9 bytes/s, ``_us`` = microseconds, ``_gib`` = 2**30 bytes.
+
+Run ``python -m moesim.hardware.fit [DIR]`` to print the fitted values as YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import InputError
+
+#: significant digits kept in fitted values (the medians' own run-to-run noise is larger)
+SIG_DIGITS = 4
+#: H100 SXM5 dense BF16 tensor peak, TFLOP/s (NVIDIA H100 Tensor Core GPU Architecture whitepaper)
+H100_PEAK_BF16_TFLOPS = 989.4
+#: H100 SXM5 peak HBM3 bandwidth, GB/s (NVIDIA H100 datasheet: 3.35 TB/s)
+H100_PEAK_HBM_GB_S = 3350.0
+#: kernels of one eager SwiGLU expert call: three GEMMs, SiLU, multiply
+EXPERT_GEMMS = 3
+EXPERT_ELEMENTWISE = 2
+EXPERT_KERNELS = EXPERT_GEMMS + EXPERT_ELEMENTWISE
+#: token counts treated as memory-bound when fitting the HBM line (arithmetic intensity <= 16
+#: FLOP/byte, far below the H100 ridge point of about 290 FLOP/byte)
+MEMORY_BOUND_MAX_TOKENS = 16
+FILES = ("env.json", "link.json", "expert_gpu.json", "expert_cpu.json")
+MEAS_REL = "validate/measurements/external/h100-sxm"
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+# ----- loading ---------------------------------------------------------------------------------
+def default_measurement_dir() -> Path:
+    """The H100 measurement folder committed in the repository (``validate/measurements/...``)."""
+    here = Path(__file__).resolve().parents[2] / MEAS_REL
+    if here.is_dir():
+        return here
+    try:  # installed distribution that ships validate/ as a package
+        from importlib import resources
+
+        cand = Path(str(resources.files("validate"))) / "measurements" / "external" / "h100-sxm"
+        if cand.is_dir():
+            return cand
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - depends on the install
+        pass
+    return here
+
+
+def load_measurements(path: str | Path | None = None) -> dict[str, dict]:
+    """Read the four JSON files of a measurement folder into ``{"env": ..., "link": ..., ...}``."""
+    root = Path(path) if path is not None else default_measurement_dir()
+    out = {}
+    for fname in FILES:
+        f = root / fname
+        if not f.is_file():
+            raise InputError(f"measurement file missing (expected {', '.join(FILES)})", source=str(f))
+        try:
+            out[fname[:-5]] = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not valid JSON ({exc.msg} at line {exc.lineno})", source=str(f)) from None
+    return out
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+def round_sig(x: float, digits: int = SIG_DIGITS) -> float:
+    """``x`` rounded to ``digits`` significant digits (0 stays 0)."""
+    if x == 0 or not math.isfinite(x):
+        return float(x)
+    return float(f"{x:.{digits}g}")
+
+
+def _spread(stats: dict) -> float:
+    """Noise scale of a timing row: p90 - p10 (falls back to 0.1% of the median)."""
+    s = float(stats["p90"]) - float(stats["p10"])
+    return s if s > 0 else 1e-3 * float(stats["median"])
+
+
+def _wls(A: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted linear least squares: minimise sum((w * (A @ c - y))**2)."""
+    coef, *_ = np.linalg.lstsq(A * w[:, None], y * w, rcond=None)
+    return coef
+
+
+# ----- link ------------------------------------------------------------------------------------
+def fit_pinned_link(link: dict) -> dict:
+    """Per-transfer setup (µs) and pinned H2D/D2H rates (GB/s) from ``link.json`` transfers.
+
+    Model: ``event_time = setup + bytes / rate_direction``, one setup shared by both directions,
+    fitted to the event-time medians of all pinned transfers (4 KiB ... 1 GiB) by weighted linear
+    least squares, each point weighted by ``1 / (p90 - p10)`` of its own repetitions. Plain least
+    squares would let microsecond-scale noise of the 1 GiB copies decide the setup time; weighting
+    by the inverse of the relative error would let the small copies pull the rate. With the
+    measured spread as the noise scale the large copies fix the rates and the 256 KiB ... 4 MiB
+    copies fix the setup. Event (GPU) time is used: it excludes the harness's synchronize round
+    trip, which the host wall time contains. Note the setup may include part of the host's issue
+    time of the copy (the start event can fire before the copy is enqueued).
+    """
+    rows = [t for t in link["transfers"] if t["mode"] == "pinned"]
+    n = np.array([t["bytes"] for t in rows], dtype=np.float64)
+    y = np.array([t["event_ms"]["median"] for t in rows]) * 1e-3
+    w = 1.0 / (np.array([_spread(t["event_ms"]) for t in rows]) * 1e-3)
+    h2d = np.array([t["direction"] == "H2D" for t in rows], dtype=np.float64)
+    A = np.column_stack([np.ones_like(n), n * h2d, n * (1.0 - h2d)])
+    c = _wls(A, y, w)
+    pred = A @ c
+    return {
+        "setup_us": float(c[0] * 1e6),
+        "h2d_gb_s": float(1.0 / c[1] / 1e9),
+        "d2h_gb_s": float(1.0 / c[2] / 1e9),
+        "residuals": [
+            {"direction": t["direction"], "bytes": t["bytes"], "measured_us": float(yi * 1e6),
+             "rel_err": float((p - yi) / yi)}
+            for t, yi, p in zip(rows, y, pred)
+        ],
+    }
+
+
+def fit_pageable_table(link: dict, direction: str, setup_us: float) -> list[list[float]]:
+    """``[[size_bytes, GB/s], ...]`` of pageable copies in ``direction`` ("H2D"/"D2H").
+
+    Each rate is ``bytes / (event_median - setup)``, so that the link model's
+    ``setup + bytes / rate`` reproduces the measured median at every measured size. Event time,
+    not wall time, is used: a pageable copy does block the host, but the wall time of these runs
+    also holds the harness's event record + synchronize round trip (wall - event is about 9-10 µs
+    for pinned and pageable copies alike, at every size). The simulator charges that blocking by
+    holding the host thread for the copy's duration, and host issue/sync costs separately.
+    """
+    rows = sorted(
+        (t for t in link["transfers"] if t["mode"] == "pageable" and t["direction"] == direction),
+        key=lambda t: t["bytes"],
+    )
+    if not rows:
+        raise InputError(f"no pageable {direction} transfers", field="transfers")
+    table = []
+    for t in rows:
+        net_s = t["event_ms"]["median"] * 1e-3 - setup_us * 1e-6
+        if net_s <= 0:
+            raise InputError(
+                f"pageable {direction} {t['bytes']} B median is below the fitted setup", field="transfers"
+            )
+        table.append([int(t["bytes"]), float(t["bytes"] / net_s / 1e9)])
+    return table
+
+
+def fit_bidirectional_derate(link: dict, h2d_gb_s: float, d2h_gb_s: float, setup_us: float) -> dict:
+    """Fraction of the one-way rate kept when both directions copy at once (``bidirectional_pinned``).
+
+    Two 256 MiB copies, one per direction, start together. Each direction's implied derate is
+    ``bytes / (rate * (median - setup))``. They differ (H2D keeps far less than D2H), but the
+    spec has one factor: it takes the H2D value, which is the smaller one, reproduces the measured
+    span (the H2D copy finishes last) and belongs to the direction that loads experts. The D2H value
+    is reported alongside.
+    """
+    b = link["bidirectional_pinned"]
+    nbytes = float(b["bytes_each_direction"])
+    h = nbytes / (h2d_gb_s * 1e9 * (b["h2d_ms"]["median"] * 1e-3 - setup_us * 1e-6))
+    d = nbytes / (d2h_gb_s * 1e9 * (b["d2h_ms"]["median"] * 1e-3 - setup_us * 1e-6))
+    return {"derate": float(min(1.0, h)), "h2d": float(h), "d2h": float(d)}
+
+
+def fit_copy_interference(link: dict) -> dict:
+    """Kernel slow-down factors (>= 1) while a 1 GiB copy runs (``concurrent_copy_and_kernel``).
+
+    The memory-bound factor is the 1-token Mixtral expert chain's ``kernel_slowdown`` against an
+    H2D copy, the compute-bound one the 8192³ GEMM chain's; H2D is the direction of expert loads.
+    The D2H values are reported alongside.
+    """
+    cases = {(c["kernel"], c["direction"]): c for c in link["concurrent_copy_and_kernel"]["cases"]}
+
+    def get(kernel_prefix: str, direction: str) -> float:
+        for (k, d), c in cases.items():
+            if k.startswith(kernel_prefix) and d == direction:
+                return max(1.0, float(c["kernel_slowdown"]))
+        raise InputError(f"no {kernel_prefix} / {direction} case", field="concurrent_copy_and_kernel")
+
+    return {
+        "memory_bound_slowdown": get("mixtral_expert", "H2D"),
+        "compute_bound_slowdown": get("gemm", "H2D"),
+        "memory_bound_slowdown_d2h": get("mixtral_expert", "D2H"),
+        "compute_bound_slowdown_d2h": get("gemm", "D2H"),
+    }
+
+
+# ----- host ------------------------------------------------------------------------------------
+def fit_host_costs(env: dict) -> dict:
+    """Host-thread costs (µs) from ``env.json`` ``host_overheads``.
+
+    * ``launch_us``: host enqueue time per kernel, averaged over the five kernels of one SwiGLU
+      expert call: three GEMM launches (measured with a [1,4096]x[4096,4096] bf16 mm) and two
+      element-wise launches (measured with a tiny add).
+    * ``graph_launch_us``: not measured; assumed equal to one small-kernel enqueue (one launch
+      call through the same Python/driver path).
+    * ``copy_issue_us``: not measured; assumed equal to one small-kernel enqueue likewise.
+    * ``router_readback_us``: 16-byte pinned device-to-host copy + synchronize from an idle GPU.
+    """
+    ho = env["host_overheads"]
+    tiny = float(ho["tiny_add_"]["host_enqueue_us_per_launch"]["median"])
+    mm_key = next(k for k in ho if k.startswith("mm_"))
+    mm = float(ho[mm_key]["host_enqueue_us_per_launch"]["median"])
+    return {
+        "launch_us": (EXPERT_GEMMS * mm + EXPERT_ELEMENTWISE * tiny) / EXPERT_KERNELS,
+        "graph_launch_us": tiny,
+        "copy_issue_us": tiny,
+        "router_readback_us": float(ho["small_d2h_pinned_plus_sync_idle_us"]["median"]),
+        "tiny_kernel_enqueue_us": tiny,
+        "gemm_kernel_enqueue_us": mm,
+        "tiny_kernel_gpu_us_back_to_back": float(
+            ho["tiny_add_"]["gpu_us_per_kernel_back_to_back"]["median"]
+        ),
+        "event_record_and_synchronize_us": float(ho["event_record_and_synchronize_idle_us"]["median"]),
+    }
+
+
+def fit_host_machine(env: dict, expert_cpu: dict) -> dict:
+    """Measured machine facts: GPU memory (GiB), host RAM (GiB), CPU sockets/cores, PCIe link,
+    and the highest DRAM read rate (GB/s) the CPU expert runs achieved (a lower bound on the
+    DRAM bandwidth available to this VM)."""
+    lscpu = env["lscpu"]
+
+    def lscpu_int(key: str) -> int:
+        m = re.search(rf"^{re.escape(key)}:\s*(\d+)", lscpu, flags=re.M)
+        if not m:
+            raise InputError(f"lscpu has no '{key}' line", field="lscpu")
+        return int(m.group(1))
+
+    mem_kb = re.search(r"MemTotal:\s*(\d+)\s*kB", env["meminfo"])
+    fields = [s.strip() for s in env["nvidia_smi_query"].splitlines()[0].split(",")]
+    values = [s.strip() for s in env["nvidia_smi_query"].splitlines()[1].split(",")]
+    smi = dict(zip(fields, values))
+    dram = max(float(r["GBps_weights"]) for r in expert_cpu["rows"])
+    return {
+        "hbm_gib": env["device"]["total_memory"] / 2**30,
+        "capacity_gib": int(mem_kb.group(1)) * 1024 / 2**30,
+        "sockets": lscpu_int("Socket(s)"),
+        "cores_per_socket": lscpu_int("Core(s) per socket"),
+        "threads_per_core": lscpu_int("Thread(s) per core"),
+        "pcie_generation": int(smi["pcie.link.gen.current"]),
+        "pcie_width": int(smi["pcie.link.width.current"]),
+        "dram_read_gb_s": dram,
+    }
+
+
+# ----- GPU -------------------------------------------------------------------------------------
+def expert_bytes_moved(row: dict, bytes_per_param: int = 2) -> float:
+    """Bytes one expert call moves in the roofline model: weights plus n*(2h + 3f) activations."""
+    return row["weight_bytes"] + row["tokens"] * (2 * row["h"] + 3 * row["f"]) * bytes_per_param
+
+
+def fit_gpu_memory_line(expert_gpu: dict, peak_gb_s: float = H100_PEAK_HBM_GB_S) -> dict:
+    """HBM efficiency and per-kernel fixed time (µs) from memory-bound expert graph times.
+
+    Rows with at most :data:`MEMORY_BOUND_MAX_TOKENS` tokens of all four shapes (12 MB ... 352 MB of
+    weights) are fitted with ``graph_time = 5 * kernel_fixed + bytes / (peak * efficiency)``, the
+    predictor's roofline for a 5-kernel expert, by weighted least squares (weights
+    ``1 / (p90 - p10)``). The slope gives the achieved bandwidth, the intercept the fixed GPU time
+    of the five kernels (launch-free: CUDA-graph replay). This describes the measured small-expert
+    times far better than one achieved-GB/s ratio, which would charge the fixed time to bandwidth.
+    """
+    rows = [r for r in expert_gpu["rows"] if r["tokens"] <= MEMORY_BOUND_MAX_TOKENS]
+    b = np.array([expert_bytes_moved(r) for r in rows])
+    y = np.array([r["graph_us"]["median"] for r in rows]) * 1e-6
+    w = 1.0 / (np.array([_spread(r["graph_us"]) for r in rows]) * 1e-6)
+    A = np.column_stack([np.ones_like(b), b])
+    c = _wls(A, y, w)
+    pred = A @ c
+    achieved = float(1.0 / c[1] / 1e9)
+    return {
+        "kernel_fixed_us": float(c[0] * 1e6 / EXPERT_KERNELS),
+        "achieved_gb_s": achieved,
+        "memory_efficiency": achieved / peak_gb_s,
+        "max_abs_rel_err": float(np.max(np.abs((pred - y) / y))),
+        "simple_ratio_mixtral_1tok": float(
+            next(r["GBps"] for r in expert_gpu["rows"] if r["shape"] == "mixtral" and r["tokens"] == 1)
+            / peak_gb_s
+        ),
+    }
+
+
+def fit_compute_efficiency(
+    env: dict, expert_gpu: dict, peak_tflops: float = H100_PEAK_BF16_TFLOPS
+) -> dict:
+    """Compute efficiency: achieved TFLOP/s of the 8192³ bf16 GEMM over the dense bf16 peak.
+
+    Also reported: the best efficiency of the expert calls themselves (4096 tokens), lower than
+    the GEMM's because their GEMMs are smaller and run back to back with element-wise kernels.
+    """
+    gemm = float(env["gemm_bf16"]["TFLOPs"])
+    best_expert = max(float(r["TFLOPs"]) for r in expert_gpu["rows"])
+    return {
+        "compute_efficiency": gemm / peak_tflops,
+        "gemm_tflops": gemm,
+        "best_expert_efficiency": best_expert / peak_tflops,
+    }
+
+
+# ----- everything ------------------------------------------------------------------------------
+def fit_report(path: str | Path | None = None) -> dict:
+    """All fitted quantities, unrounded, with diagnostics; keyed by part (``link``, ``host``...)."""
+    m = load_measurements(path)
+    pin = fit_pinned_link(m["link"])
+    report = {
+        "pinned": pin,
+        "pageable_h2d_gb_s": fit_pageable_table(m["link"], "H2D", pin["setup_us"]),
+        "pageable_d2h_gb_s": fit_pageable_table(m["link"], "D2H", pin["setup_us"]),
+        "bidirectional": fit_bidirectional_derate(
+            m["link"], pin["h2d_gb_s"], pin["d2h_gb_s"], pin["setup_us"]
+        ),
+        "interference": fit_copy_interference(m["link"]),
+        "host": fit_host_costs(m["env"]),
+        "machine": fit_host_machine(m["env"], m["expert_cpu"]),
+        "memory": fit_gpu_memory_line(m["expert_gpu"]),
+        "compute": fit_compute_efficiency(m["env"], m["expert_gpu"]),
+    }
+    series = m["link"]["expert_sized_h2d_series"]
+    n = series["bytes"]
+    report["check_expert_sized_h2d"] = {
+        "bytes": n,
+        "measured_ms": series["torch_pinned"]["ms"]["median"],
+        "predicted_ms": float((pin["setup_us"] * 1e-6 + n / (pin["h2d_gb_s"] * 1e9)) * 1e3),
+    }
+    return report
+
+
+def fit_h100(path: str | Path | None = None) -> dict:
+    """Fitted HardwareSpec values keyed by dotted path, rounded to :data:`SIG_DIGITS` digits.
+
+    Units are those of the spec fields (GB/s, µs, GiB, dimensionless factors); integer facts
+    (cores, PCIe generation and width) stay integers; pageable tables are ``[[bytes, GB/s], ...]``.
+    ``path`` is the measurement folder (default: the committed H100 data)."""
+    r = fit_report(path)
+    pin, host, mach, mem = r["pinned"], r["host"], r["machine"], r["memory"]
+    inter = r["interference"]
+
+    def table(rows):
+        return [[int(s), round_sig(b)] for s, b in rows]
+
+    return {
+        "gpu.hbm_gib": round_sig(mach["hbm_gib"]),
+        "gpu.memory_efficiency": round_sig(mem["memory_efficiency"]),
+        "gpu.compute_efficiency": round_sig(r["compute"]["compute_efficiency"]),
+        "gpu.kernel_fixed_us": round_sig(mem["kernel_fixed_us"]),
+        "gpu.copy_interference.memory_bound_slowdown": round_sig(inter["memory_bound_slowdown"]),
+        "gpu.copy_interference.compute_bound_slowdown": round_sig(inter["compute_bound_slowdown"]),
+        "host.launch_us": round_sig(host["launch_us"]),
+        "host.graph_launch_us": round_sig(host["graph_launch_us"]),
+        "host.copy_issue_us": round_sig(host["copy_issue_us"]),
+        "host.router_readback_us": round_sig(host["router_readback_us"]),
+        "cpu.sockets": mach["sockets"],
+        "cpu.cores_per_socket": mach["cores_per_socket"],
+        "cpu.dram_bandwidth_gb_s": round_sig(mach["dram_read_gb_s"]),
+        "host_memory.capacity_gib": round_sig(mach["capacity_gib"]),
+        "host_memory.pageable_h2d_gb_s": table(r["pageable_h2d_gb_s"]),
+        "host_memory.pageable_d2h_gb_s": table(r["pageable_d2h_gb_s"]),
+        "link.generation": mach["pcie_generation"],
+        "link.width": mach["pcie_width"],
+        "link.h2d_bandwidth_gb_s": round_sig(pin["h2d_gb_s"]),
+        "link.d2h_bandwidth_gb_s": round_sig(pin["d2h_gb_s"]),
+        "link.setup_us": round_sig(pin["setup_us"]),
+        "link.bidirectional_derate": round_sig(r["bidirectional"]["derate"]),
+    }
+
+
+_FIT = "fit by moesim.hardware.fit"
+#: where each value of :func:`fit_h100` comes from (used as the preset's ``sources`` entries)
+FIT_SOURCES: dict[str, str] = {
+    "gpu.hbm_gib": f"{MEAS_REL}/env.json device.total_memory (torch), measured",
+    "gpu.memory_efficiency": (
+        f"{MEAS_REL}/expert_gpu.json, {_FIT}: slope of graph time vs bytes of memory-bound expert "
+        "calls (<= 16 tokens, 4 shapes) / 3350 GB/s peak (H100 SXM datasheet)"
+    ),
+    "gpu.compute_efficiency": (
+        f"{MEAS_REL}/env.json gemm_bf16 (8192^3) TFLOP/s, {_FIT}, / 989.4 TFLOP/s dense bf16 peak "
+        "(H100 whitepaper)"
+    ),
+    "gpu.kernel_fixed_us": (
+        f"{MEAS_REL}/expert_gpu.json, {_FIT}: intercept of graph time vs bytes of memory-bound "
+        "expert calls / 5 kernels"
+    ),
+    "gpu.copy_interference.memory_bound_slowdown": (
+        f"{MEAS_REL}/link.json concurrent_copy_and_kernel (1-token Mixtral expert chain vs 1 GiB H2D "
+        f"copy), {_FIT}"
+    ),
+    "gpu.copy_interference.compute_bound_slowdown": (
+        f"{MEAS_REL}/link.json concurrent_copy_and_kernel (8192^3 GEMM chain vs 1 GiB H2D copy), {_FIT}"
+    ),
+    "host.launch_us": (
+        f"{MEAS_REL}/env.json host_overheads host_enqueue_us_per_launch, {_FIT}: mean over one expert's "
+        "kernels (3 GEMM launches + 2 element-wise launches)"
+    ),
+    "host.graph_launch_us": (
+        f"assumption: not measured; equal to the measured enqueue of one small kernel "
+        f"({MEAS_REL}/env.json host_overheads.tiny_add_, {_FIT})"
+    ),
+    "host.copy_issue_us": (
+        f"assumption: not measured; equal to the measured enqueue of one small kernel "
+        f"({MEAS_REL}/env.json host_overheads.tiny_add_, {_FIT})"
+    ),
+    "host.router_readback_us": (
+        f"{MEAS_REL}/env.json host_overheads.small_d2h_pinned_plus_sync_idle_us median, {_FIT}"
+    ),
+    "cpu.sockets": f"{MEAS_REL}/env.json lscpu, measured",
+    "cpu.cores_per_socket": f"{MEAS_REL}/env.json lscpu (16 vCPUs, 1 thread per core), measured",
+    "cpu.dram_bandwidth_gb_s": (
+        f"{MEAS_REL}/expert_cpu.json, {_FIT}: highest achieved weight-read rate of the CPU expert "
+        "(fp32 Mixtral, 1 token, 704 MB > LLC); a lower bound on the VM's DRAM bandwidth"
+    ),
+    "host_memory.capacity_gib": f"{MEAS_REL}/env.json meminfo MemTotal, measured",
+    "host_memory.pageable_h2d_gb_s": (
+        f"{MEAS_REL}/link.json transfers (pageable H2D event-time medians), {_FIT}: "
+        "bytes / (median - setup_us)"
+    ),
+    "host_memory.pageable_d2h_gb_s": (
+        f"{MEAS_REL}/link.json transfers (pageable D2H event-time medians), {_FIT}: "
+        "bytes / (median - setup_us)"
+    ),
+    "link.generation": f"{MEAS_REL}/env.json nvidia_smi_query pcie.link.gen.current, measured",
+    "link.width": f"{MEAS_REL}/env.json nvidia_smi_query pcie.link.width.current, measured",
+    "link.h2d_bandwidth_gb_s": (
+        f"{MEAS_REL}/link.json transfers (pinned, event time), {_FIT}: weighted least squares "
+        "setup + bytes/rate"
+    ),
+    "link.d2h_bandwidth_gb_s": (
+        f"{MEAS_REL}/link.json transfers (pinned, event time), {_FIT}: weighted least squares "
+        "setup + bytes/rate"
+    ),
+    "link.setup_us": (
+        f"{MEAS_REL}/link.json transfers (pinned, event time), {_FIT}: intercept shared by H2D and D2H"
+    ),
+    "link.bidirectional_derate": (
+        f"{MEAS_REL}/link.json bidirectional_pinned, {_FIT}: H2D direction's kept fraction "
+        "(D2H keeps more)"
+    ),
+}
+
+
+# ----- measured expert-time tables for moesim/perf/tables ----------------------------------------
+def _r3(x: float) -> float:
+    return round(float(x), 3)
+
+
+def expert_gpu_table(path: str | Path | None = None) -> dict:
+    """Compact GPU expert-time table (µs medians by shape and tokens) from ``expert_gpu.json``."""
+    m = load_measurements(path)
+    g, env = m["expert_gpu"], m["env"]
+    rows = [
+        {
+            "shape": r["shape"],
+            "h": r["h"],
+            "f": r["f"],
+            "tokens": r["tokens"],
+            "graph_us": _r3(r["graph_us"]["median"]),
+            "eager_us": _r3(r["eager_us"]["median"]),
+            "eager_sync_wall_us": _r3(r["eager_sync_wall_us"]["median"]),
+        }
+        for r in g["rows"]
+    ]
+    rows.sort(key=lambda r: (r["shape"], r["tokens"]))
+    return {
+        "source": f"{MEAS_REL}/expert_gpu.json (medians), extracted by "
+        "moesim.hardware.fit.expert_gpu_table",
+        "device": env["device"]["name"],
+        "dtype": _DTYPE_NAMES.get(g["dtype"], g["dtype"]),
+        "op": g["op"],
+        "kernels": EXPERT_KERNELS,
+        "units": {
+            "graph_us": "GPU time per call from CUDA-graph replay (no launch gaps)",
+            "eager_us": "per call, eager calls enqueued back to back (includes launch gaps)",
+            "eager_sync_wall_us": "host wall time of one call + synchronize from an idle GPU",
+        },
+        "rows": rows,
+    }
+
+
+def expert_cpu_table(path: str | Path | None = None) -> dict:
+    """Compact host-CPU expert-time table (ms medians by dtype, shape, tokens) from ``expert_cpu.json``."""
+    m = load_measurements(path)
+    c = m["expert_cpu"]
+    threads = int(c.get("torch_num_threads_used", c.get("torch_num_threads_default", 0)))
+    rows = [
+        {
+            "dtype": _DTYPE_NAMES.get(r["dtype"], r["dtype"]),
+            "shape": r["shape"],
+            "h": r["h"],
+            "f": r["f"],
+            "tokens": r["tokens"],
+            "ms": round(float(r["ms"]["median"]), 4),
+            "threads": threads,
+        }
+        for r in c["rows"]
+    ]
+    rows.sort(key=lambda r: (r["dtype"], r["shape"], r["tokens"]))
+    return {
+        "source": f"{MEAS_REL}/expert_cpu.json (medians), extracted by "
+        "moesim.hardware.fit.expert_cpu_table",
+        "device": c["cpu_model"].split(":", 1)[-1].strip() + f", {threads} threads (16-vCPU KVM guest)",
+        "op": c["op"],
+        "units": {"ms": "host wall time per call, weights cycled to defeat the caches"},
+        "rows": rows,
+    }
+
+
+TABLE_FILES = {
+    "h100-sxm-bf16-expert.json": expert_gpu_table,
+    "h100-host-cpu-expert.json": expert_cpu_table,
+}
+
+
+def table_dir() -> Path:
+    """The folder of measured profile tables, ``moesim/perf/tables``."""
+    return Path(__file__).resolve().parents[1] / "perf" / "tables"
+
+
+def render_table(table: dict) -> str:
+    """The committed text of a table: JSON with one row per line."""
+    head = {k: v for k, v in table.items() if k != "rows"}
+    lines = json.dumps(head, indent=1)[:-2].rstrip("\n") + ',\n "rows": [\n'
+    lines += ",\n".join("  " + json.dumps(r) for r in table["rows"])
+    return lines + "\n ]\n}\n"
+
+
+def write_tables(path: str | Path | None = None, out_dir: str | Path | None = None) -> list[Path]:
+    """Regenerate the measured expert tables into ``out_dir`` (default ``moesim/perf/tables``)."""
+    out = Path(out_dir) if out_dir is not None else table_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, build in TABLE_FILES.items():
+        target = out / fname
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(render_table(build(path)), encoding="utf-8")
+        tmp.replace(target)
+        written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the fitted values (and a short report) for a measurement folder as YAML."""
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else None
+    fitted = fit_h100(path)
+    r = fit_report(path)
+    print(yaml.safe_dump({"fitted": fitted}, sort_keys=False, default_flow_style=None), end="")
+    chk = r["check_expert_sized_h2d"]
+    print(
+        f"# expert-sized H2D copy: predicted {chk['predicted_ms']:.3f} ms, measured median "
+        f"{chk['measured_ms']:.3f} ms; bidirectional derate H2D {r['bidirectional']['h2d']:.3f} "
+        f"D2H {r['bidirectional']['d2h']:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
