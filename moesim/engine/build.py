@@ -169,6 +169,7 @@ def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int) 
         tail_membound=head.memory_bound,
         expert=texp.tolist(),
         expert_membound=[bool(x) for x in tmb],
+        expert_fixed=predictor.expert_fixed_s(k_exp),
     )
 
 

@@ -58,6 +58,7 @@ class StageTimes:
     tail_membound: bool
     expert: list  # index = token count
     expert_membound: list
+    expert_fixed: float = 0.0  # fixed kernel time inside one expert op (a fused group pays it once)
 
 
 @dataclass
@@ -145,6 +146,7 @@ class SingleGpuEngine:
         ek = rt.kernels_per_expert
         texp, tmb = st.expert, st.expert_membound
         copy_s = self.copy_s
+        xfix = st.expert_fixed
         xb = self.expert_bytes
         nbuf = max(1, cache.transient_buffer_count())
         tbuf = [0.0] * nbuf
@@ -332,6 +334,8 @@ class SingleGpuEngine:
                         r = ready.get(e, 0.0)
                         if r > rd:
                             rd = r
+                    if fused and len(grp) > 1:
+                        T -= (len(grp) - 1) * xfix  # one grouped kernel: fixed time once
                     h0 = host
                     hb = h0 + lm_op
                     start = gpu if gpu > hb else hb

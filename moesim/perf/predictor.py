@@ -22,6 +22,7 @@ from moesim.hardware.spec import HardwareSpec
 from moesim.models.spec import ModelSpec
 
 TABLE_PACKAGE = "moesim.perf"
+TABLE_OP_KERNELS = 5  # kernels of the measured expert op (see validate/measurements/external)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,12 @@ class Predictor:
             t = np.where(hi, ys[-1] + slope * (tok - xs[-1]), t)
         t = np.where(tok > 0, t, 0.0)
         return t, membound
+
+    def expert_fixed_s(self, kernels: int = 5) -> float:
+        """Fixed per-kernel GPU time (s) contained in one predicted expert op: a fused grouped
+        kernel pays it once for all its experts. A measured table's op is the 5-kernel SwiGLU
+        (3 GEMMs, activation, multiply)."""
+        return (TABLE_OP_KERNELS if self._table is not None else kernels) * self.fixed_s
 
     # ----- dense parts ----------------------------------------------------------------------------
     def block_dense(self, layer: int, batch: int, kernels: int) -> OpTime:
