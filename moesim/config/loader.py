@@ -228,24 +228,6 @@ def resolved_dict(scenario) -> dict:
     return scenario.model_dump(mode="json")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes (or of a directory's sorted file names and bytes)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.is_file():
-                h.update(f.name.encode())
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-    else:
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def scenario_hash(scenario, trace_sha256: str | None) -> str:
     """sha256 of the canonical JSON of the resolved scenario (sorted keys, seed included) together
     with the trace file's sha256. The trace's path is left out of the JSON: a trace is identified by

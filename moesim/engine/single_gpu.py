@@ -234,12 +234,46 @@ class SingleGpuEngine:
             stream_slot[e] = b
             issue_copy(e, tbuf[b], "copy_stream", s, layer, measured)
 
+        g_c = c_w = h_c = 0.0  # critical-path parts of the current step
+        prev = 0.0  # end of the previous op on the compute stream, or the step's start
+
+        def gpu_op(kind, G, n, lm, rd, factor, s, layer, expert, measured):
+            # the host launches an op of n equal kernels (lm host seconds each, G GPU seconds in
+            # all) that also waits for time rd; returns its end. See the module docstring.
+            nonlocal host, gpu, prev, g_c, c_w, h_c, busy_gpu, busy_host
+            h0 = host
+            hb = h0 + lm
+            start = gpu if gpu > hb else hb
+            if rd > start:
+                start = rd
+            G = stretch(start, G, factor)
+            end = start + G
+            lb = h0 + n * lm + G / n
+            if lb > end:
+                end = lb
+            host = h0 + n * lm
+            if start > prev:
+                if rd >= hb and rd > prev:
+                    c_w += start - prev
+                else:
+                    h_c += start - prev
+            g_c += G
+            h_c += end - start - G
+            gpu = prev = end
+            if rec:
+                tl.append((gpu_c, kind, start, end, s, layer, expert, 0))
+                tl.append((host_r, "launch", h0, host, s, layer, expert, 0))
+            if measured:
+                busy_gpu += end - start
+                busy_host += host - h0
+            return end
+
         t_access = 0
         step_start = 0.0
         progress = self.progress
         for s in range(S):
             measured = s >= warm
-            g_c = c_w = h_c = 0.0  # critical-path parts of this step
+            g_c = c_w = h_c = 0.0
             prev = step_start
             attn_s = st.attn[s]
             for c in range(C):
@@ -250,26 +284,7 @@ class SingleGpuEngine:
                     n, lm = st.dense_blocks[c] * dk, lam
                 else:
                     n, lm = st.dense_blocks[c], lam_g
-                h0 = host
-                hb = h0 + lm
-                start = gpu if gpu > hb else hb
-                G = stretch(start, G, f_mem if st.dense_membound[c] else f_cmp)
-                end = start + G
-                lb = h0 + n * lm + G / n
-                if lb > end:
-                    end = lb
-                host = h0 + n * lm
-                if start > prev:
-                    h_c += start - prev
-                g_c += G
-                h_c += end - start - G
-                if rec:
-                    tl.append((gpu_c, "dense", start, end, s, layer, -1, 0))
-                    tl.append((host_r, "launch", h0, host, s, layer, -1, 0))
-                if measured:
-                    busy_gpu += end - start
-                    busy_host += host - h0
-                gpu = prev = end
+                gpu_op("dense", G, n, lm, 0.0, f_mem if st.dense_membound[c] else f_cmp, s, layer, -1, measured)
                 # ---- router read-back --------------------------------------------------------------
                 if wait_router:
                     t_ready = gpu if gpu > host else host
@@ -336,37 +351,14 @@ class SingleGpuEngine:
                             rd = r
                     if fused and len(grp) > 1:
                         T -= (len(grp) - 1) * xfix  # one grouped kernel: fixed time once
-                    h0 = host
-                    hb = h0 + lm_op
-                    start = gpu if gpu > hb else hb
-                    if rd > start:
-                        start = rd
-                    T = stretch(start, T, f_mem if mb else f_cmp)
-                    end = start + T
-                    lb = h0 + n_op * lm_op + T / n_op
-                    if lb > end:
-                        end = lb
-                    host = h0 + n_op * lm_op
-                    if start > prev:
-                        if rd >= hb and rd > prev:
-                            c_w += start - prev
-                        else:
-                            h_c += start - prev
-                    g_c += T
-                    h_c += end - start - T
-                    gpu = prev = end
+                    end = gpu_op(kind, T, n_op, lm_op, rd, f_mem if mb else f_cmp, s, layer,
+                                 grp[0] if len(grp) == 1 else -1, measured)
                     for e in grp:
                         b = stream_slot.pop(e, None)
                         if b is not None:
                             tbuf[b] = end
                         else:
                             last_end[base + e] = end
-                    if rec:
-                        tl.append((gpu_c, kind, start, end, s, layer, grp[0] if len(grp) == 1 else -1, 0))
-                        tl.append((host_r, "launch", h0, host, s, layer, -1, 0))
-                    if measured:
-                        busy_gpu += end - start
-                        busy_host += host - h0
                 # ---- counters ---------------------------------------------------------------------------
                 if measured:
                     nh = len(res.hits)
@@ -395,30 +387,14 @@ class SingleGpuEngine:
                 n, lm = st.tail_blocks * dk + rt.head_kernels, lam
             else:
                 n, lm = st.tail_blocks + 1, lam_g
-            h0 = host
-            hb = h0 + lm
-            start = gpu if gpu > hb else hb
-            G = stretch(start, G, f_mem if st.tail_membound else f_cmp)
-            end = start + G
-            lb = h0 + n * lm + G / n
-            if lb > end:
-                end = lb
-            host = h0 + n * lm
-            if start > prev:
-                h_c += start - prev
-            g_c += G
-            h_c += end - start - G
-            gpu = end
+            gpu_op("head", G, n, lm, 0.0, f_mem if st.tail_membound else f_cmp, s, -1, -1, measured)
             t_ready = gpu if gpu > host else host
             if rec:
-                tl.append((gpu_c, "head", start, end, s, -1, -1, 0))
-                tl.append((host_r, "launch", h0, host, s, -1, -1, 0))
                 tl.append((host_r, "token_readback", t_ready, t_ready + rho, s, -1, -1, 0))
             host = t_ready + rho
             h_c += host - gpu
             if measured:
-                busy_gpu += end - start
-                busy_host += (h0 + n * lm - h0) + rho
+                busy_host += rho
             yield env.timeout(host - env.now)
             events += 1
             step_end[s] = host

@@ -124,8 +124,8 @@ class Trace:
 def trace_sha256(path: str | os.PathLike) -> str:
     """sha256 hex of a trace file's bytes; for a directory, over its files' sorted names and bytes.
 
-    The directory rule (each regular file in name order: its name, then its bytes) is the same as
-    :func:`moesim.config.loader.file_sha256`, so both give the same digest for the same trace.
+    For a directory: each regular file in name order, its name, then its bytes. This is the trace
+    digest that :func:`moesim.config.loader.scenario_hash` combines with the scenario.
     """
     p = Path(path)
     h = hashlib.sha256()

@@ -82,7 +82,7 @@ def test_hash_changes_with_trace_bytes_not_path(tmp_path):
     base = SC / "switch-base-8-rtx4090-lru-c16.yaml"
     s1 = load_scenario(base, [f"trace.path={a / 't.npz'}"])
     s2 = load_scenario(base)
-    from moesim.config.loader import file_sha256
+    from moesim.traces import trace_sha256 as file_sha256
 
     h1 = scenario_hash(s1, file_sha256(a / "t.npz"))
     h2 = scenario_hash(s2, file_sha256(src))
