@@ -229,6 +229,11 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         model_layers=tuple(model_layers),
         max_distinct_per_step=plan.max_distinct,
         source=source,
+        plan=plan,
+        col_src=tuple(col_src),
+        experts=np.asarray(trace.experts),
+        weights=None if trace.weights is None else np.asarray(trace.weights),
+        batch_size=wl.batch_size,
     )
     cache = cache_cls(scenario.policies.cache, setup)
     if cache.transient_buffer_count() == 0 and scenario.policies.cache.kind != "all_resident":

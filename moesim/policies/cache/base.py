@@ -11,7 +11,8 @@ uniform experts a pool of ``C`` slots has ``C * expert_bytes`` bytes. A key is t
 ``column * num_experts + expert`` where ``column`` is the trace's MoE-layer column.
 
 A subclass implements four hooks (``_on_hit``, ``_on_insert``, ``_victim``, ``_on_evict``) and may
-override ``prepare`` (future-aware policies get the whole access sequence) or ``admit`` (bypass).
+override ``admit`` (bypass). Future-aware and score-based policies read the access sequence and gate
+weights from :class:`CacheSetup` when they are built.
 """
 
 from __future__ import annotations
@@ -53,15 +54,51 @@ class CacheConfig(PolicyConfig):
 
 @dataclass
 class CacheSetup:
-    """What a cache policy is told about the run when it is built."""
+    """What a cache policy is told about the run when it is built.
 
-    num_columns: int  # MoE layers in the trace
+    ``plan`` (a :class:`~moesim.engine.plan.DecodePlan`) and ``col_src`` give future-aware policies
+    (Belady) the whole access sequence: access ``t`` is ``(step, column) = divmod(t, num_columns)``
+    and its experts are ``plan.row(step, col_src[column])``. ``weights`` is the trace's gate-weight
+    array ``[T, L, K]`` (or None) for score-based policies; ``batch_size`` rows form one step.
+    """
+
+    num_columns: int  # MoE layers simulated (one pool key range per column)
     num_experts: int
     expert_bytes: int  # bytes of one expert at the cached precision
     top_k: int
     model_layers: tuple[int, ...]  # model layer index of each column
     max_distinct_per_step: int  # most distinct experts one (step, layer) can need
     source: str = "scenario"
+    plan: object = None
+    col_src: tuple = ()
+    experts: object = None  # trace experts [T, L, K] (rows in execution order)
+    weights: object = None  # trace gate weights [T, L, K] or None
+    batch_size: int = 1
+
+    def step_of(self, t: int) -> tuple[int, int]:
+        """``(step, column)`` of access clock ``t``."""
+        return divmod(t, self.num_columns)
+
+    def future_row(self, step: int, column: int):
+        """Distinct experts and token counts of ``(step, column)`` (needs ``plan``)."""
+        return self.plan.row(step, self.col_src[column])
+
+    def gate_mass(self, step: int, column: int) -> dict:
+        """Summed gate weight per expert over the step's rows at ``column`` (token counts when the
+        trace has no weights)."""
+        src = self.col_src[column]
+        T = self.experts.shape[0]
+        rows = [(step * self.batch_size + i) % T for i in range(self.batch_size)]  # looped traces wrap
+        ex = self.experts[rows, src].reshape(-1)
+        if self.weights is None:
+            w = [1.0] * len(ex)
+        else:
+            w = self.weights[rows, src].reshape(-1).tolist()
+        out: dict = {}
+        for e, x in zip(ex.tolist(), w):
+            if e >= 0:
+                out[e] = out.get(e, 0.0) + float(x)
+        return out
 
 
 @dataclass
@@ -185,9 +222,6 @@ class CachePolicy(Policy):
                 self._insert(pool, key, -1)
 
     # ----- hooks for subclasses -----------------------------------------------------------------
-    def prepare(self, columns_steps) -> None:
-        """Called once before the run with the sequence of accesses (future-aware policies)."""
-
     def size_of(self, key: int) -> int:
         """Bytes one cached copy of ``key`` takes (uniform experts by default)."""
         return self.expert_bytes
