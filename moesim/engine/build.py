@@ -239,6 +239,25 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     if cache.transient_buffer_count() == 0 and scenario.policies.cache.kind != "all_resident":
         raise InputError("needs at least one transient buffer", source=source, field="policies.cache")
     memory = memory_check(scenario, cache, source)
+    prefetcher = None
+    pf_cfg = scenario.policies.prefetch
+    if pf_cfg.kind != "none":
+        from moesim.policies.prefetch.base import PrefetchSetup
+
+        prefetcher = registry("prefetch")[pf_cfg.kind](
+            pf_cfg,
+            PrefetchSetup(
+                num_columns=len(model_layers),
+                num_experts=m.num_experts,
+                top_k=m.top_k,
+                plan=plan,
+                col_src=tuple(col_src),
+                experts=np.asarray(trace.experts),
+                batch_size=wl.batch_size,
+                seed=scenario.seed,
+                source=source,
+            ),
+        )
     predictor = Predictor(m, hw)
     link = LinkModel(hw)
     copy_s = link.duration_s(m.expert_bytes, "h2d", pinned=rt.host_memory == "pinned")
@@ -256,6 +275,7 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         warmup_steps=warm_steps,
         record_timeline=record_timeline,
         progress=progress,
+        prefetcher=prefetcher,
     )
     note = routing_note(scenario, trace, trace_layers, borrowed, plan)
     return Prepared(

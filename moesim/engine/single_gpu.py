@@ -96,6 +96,7 @@ class SingleGpuEngine:
         warmup_steps: int,
         record_timeline: bool = True,
         progress=None,
+        prefetcher=None,
     ):
         self.plan = plan
         self.col_src = col_src
@@ -109,6 +110,7 @@ class SingleGpuEngine:
         self.warmup_steps = warmup_steps
         self.record = record_timeline
         self.progress = progress
+        self.prefetcher = prefetcher
         self.gpu_id = "gpu0"
         self.link_id = "link." + hw.link.name
 
@@ -201,13 +203,17 @@ class SingleGpuEngine:
         host = 0.0
         gpu = 0.0
         cp = 0.0
-        ready: dict = {}
+        ready: dict = {}  # key -> time its copy lands (demand, streamed or prefetched)
+        prefetcher = self.prefetcher
+        pf_unused: dict = {}  # prefetched keys not used yet -> issued in a measured step?
+        pf_issued = pf_used = pf_wasted = pf_pred = pf_pred_right = pf_true = 0
+        pf_evict_box = [0]
         stream_slot: dict = {}
         tbi = 0
 
-        def issue_copy(e, slot, kind, s, layer, measured):
+        def issue_copy(key, e, slot, kind, s, layer, measured):
             # host issues one expert copy; it starts when the engine, the host and its slot are free
-            nonlocal host, cp, busy_cp, busy_host
+            nonlocal host, cp, busy_cp, busy_host, n_copies, bytes_h2d
             host += iota
             cs = cp
             if host > cs:
@@ -218,21 +224,67 @@ class SingleGpuEngine:
             if pageable:
                 host = ce  # a pageable copy blocks the host thread until it is done
             cp = ce
-            ready[e] = ce
+            ready[key] = ce
             copies.append((cs, ce))
             if rec:
                 tl.append((gpu_h2d, kind, cs, ce, s, layer, e, xb))
             if measured:
                 busy_cp += copy_s
                 busy_host += iota + (ce - cs if pageable else 0.0)
+                n_copies += 1
+                bytes_h2d += xb
 
-        def issue_stream(e, s, layer, measured):
+        def issue_stream(key, e, s, layer, measured):
             # a streamed expert takes the next transient buffer of the ring
             nonlocal tbi
             b = tbi
             tbi = (tbi + 1) % nbuf
             stream_slot[e] = b
-            issue_copy(e, tbuf[b], "copy_stream", s, layer, measured)
+            issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured)
+
+        def dropped(keys):
+            # evicted keys: a prefetched expert evicted before any use is wasted
+            nonlocal pf_wasted
+            for v in keys:
+                ready.pop(v, None)
+                flag = pf_unused.pop(v, None)
+                if flag:
+                    pf_wasted += 1
+
+        def prefetch(s, c, experts, t, measured):
+            # after layer c's router: load what the prefetcher predicts, behind the demand loads
+            nonlocal pf_issued, pf_pred, pf_pred_right, pf_true
+            want = prefetcher.plan(s, c, experts)
+            if not want:
+                return
+            protect = {c * E + e for e in experts}
+            protect.update(c2 * E + e for c2, e in want)
+            cols = set()
+            for c2, e in want:
+                cols.add(c2)
+                ok, evicted = cache.prefetch(c2, e, t, protect)
+                if evicted:
+                    dropped(evicted)
+                    if measured:
+                        pf_evict_box[0] += len(evicted)
+                if ok:
+                    key = c2 * E + e
+                    slot = 0.0
+                    for v in evicted:
+                        le = last_end.get(v, 0.0)
+                        if le > slot:
+                            slot = le
+                    issue_copy(key, e, slot, "prefetch", s, mlayers[c2], measured)
+                    pf_unused[key] = measured
+                    if measured:
+                        pf_issued += 1
+            if measured:  # prediction quality, whatever was resident already
+                for c2 in cols:
+                    truth = set(plan.row(s, col_src[c2])[0])
+                    guess = {e for cc, e in want if cc == c2}
+                    pf_pred += len(guess)
+                    pf_pred_right += len(guess & truth)
+                    pf_true += len(truth)
 
         g_c = c_w = h_c = 0.0  # critical-path parts of the current step
         prev = 0.0  # end of the previous op on the compute stream, or the step's start
@@ -301,7 +353,14 @@ class SingleGpuEngine:
                 t_access += 1
                 cnt = dict(zip(experts, counts))
                 base = c * E
-                ready.clear()
+                if pf_unused:
+                    for e in res.hits:
+                        flag = pf_unused.pop(base + e, None)
+                        if flag:
+                            pf_used += 1
+                    for _, ev in res.loads:
+                        if ev:
+                            dropped(ev)
                 # ---- copies: demand loads first, then streamed experts ------------------------------
                 for e, evicted in res.loads:
                     slot = 0.0
@@ -309,13 +368,15 @@ class SingleGpuEngine:
                         le = last_end.get(v, 0.0)
                         if le > slot:
                             slot = le
-                    issue_copy(e, slot, "copy", s, layer, measured)
+                    issue_copy(base + e, e, slot, "copy", s, layer, measured)
                 streamed = res.streamed
                 ns = len(streamed)
                 # a streamed copy needs a free transient buffer; those beyond the ring's size are
                 # issued just before their kernel, once the buffer's previous kernel is known
                 for i in range(min(nbuf, ns)):
-                    issue_stream(streamed[i], s, layer, measured)
+                    issue_stream(base + streamed[i], streamed[i], s, layer, measured)
+                if prefetcher is not None:
+                    prefetch(s, c, experts, t_access - 1, measured)
                 # ---- expert kernels -----------------------------------------------------------------------
                 loaded = [e for e, _ in res.loads]
                 if group_launch:
@@ -334,7 +395,7 @@ class SingleGpuEngine:
                 for kind, grp in ops:
                     if kind == "expert_streamed":
                         if si >= nbuf:
-                            issue_stream(grp[0], s, layer, measured)
+                            issue_stream(base + grp[0], grp[0], s, layer, measured)
                         si += 1
                         n_op, lm_op = (1, lam_grp) if group_launch else (n, lm)
                     else:
@@ -346,7 +407,7 @@ class SingleGpuEngine:
                         k = cnt[e]
                         T += texp[k]
                         mb = mb or tmb[k]
-                        r = ready.get(e, 0.0)
+                        r = ready.pop(base + e, 0.0)
                         if r > rd:
                             rd = r
                     if fused and len(grp) > 1:
@@ -372,8 +433,6 @@ class SingleGpuEngine:
                     n_miss += nl + ns
                     n_stream += ns
                     n_evict += ne
-                    n_copies += nl + ns
-                    bytes_h2d += (nl + ns) * xb
                     col_hits[c] += nh
                     col_miss[c] += nl + ns
                     col_loads[c] += nl
@@ -427,7 +486,13 @@ class SingleGpuEngine:
                 "hits": n_hit,
                 "misses": n_miss,
                 "streamed": n_stream,
-                "evictions": n_evict,
+                "evictions": n_evict + pf_evict_box[0],
+                "prefetch_issued": pf_issued,
+                "prefetch_used": pf_used,
+                "prefetch_wasted": pf_wasted + sum(1 for f in pf_unused.values() if f),
+                "prefetch_predicted": pf_pred,
+                "prefetch_predicted_right": pf_pred_right,
+                "prefetch_truth": pf_true,
                 "copies": n_copies,
                 "bytes_h2d": bytes_h2d,
             },

@@ -87,9 +87,14 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "misses": int(c["misses"]),
             "hit_rate": float(c["hits"] / acc) if acc else None,
             "streamed": int(c["streamed"]),
-            "prefetch_issued": 0,
-            "prefetch_used": 0,
-            "prefetch_wasted": 0,
+            "prefetch_issued": int(c["prefetch_issued"]),
+            "prefetch_used": int(c["prefetch_used"]),
+            "prefetch_wasted": int(c["prefetch_wasted"]),
+            "prefetch_policy": sc.policies.prefetch.kind,
+            "prefetch_precision": (
+                c["prefetch_predicted_right"] / c["prefetch_predicted"] if c["prefetch_predicted"] else None
+            ),
+            "prefetch_recall": (c["prefetch_predicted_right"] / c["prefetch_truth"] if c["prefetch_truth"] else None),
             "evictions": int(c["evictions"]),
             "slots": int(prep.engine.cache.slots_total()),
         },

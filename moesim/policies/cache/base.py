@@ -295,6 +295,28 @@ class CachePolicy(Policy):
                 loads.append((e, evicted))
         return AccessResult(hits, loads, streamed)
 
+    def prefetch(self, column: int, expert: int, t: int, protect) -> tuple[bool, list]:
+        """Make ``(column, expert)`` resident ahead of use. Returns (inserted, evicted keys); a key
+        already resident, refused by ``admit``, or with no evictable room is not inserted.
+        ``protect`` holds keys that must not be evicted (the current step's and the prefetch
+        set's)."""
+        key = column * self.E + expert
+        if key in self.resident:
+            return False, []
+        pool = self.pool_of_column[column]
+        size = self.size_of(key)
+        if not self.admit(pool, key, t) or size > pool.capacity_bytes:
+            return False, []
+        evicted = []
+        while pool.used_bytes + size > pool.capacity_bytes:
+            v = self._victim(pool, protect)
+            if v is None:
+                return False, evicted
+            self._evict(pool, v)
+            evicted.append(v)
+        self._insert(pool, key, t)
+        return True, evicted
+
     def transient_buffer_count(self) -> int:
         """GPU buffers for streamed experts (0 when the policy never streams)."""
         return getattr(self.config, "transient_buffers", 0)

@@ -1,17 +1,52 @@
-"""The prefetch-policy interface."""
+"""The prefetch-policy interface.
+
+After the host has read layer ``column``'s router output at ``step`` it asks the prefetcher which
+(column, expert) pairs to load ahead. The engine makes room through the cache policy (never evicting
+an expert the current step needs), queues the copies on the same FIFO copy engine as demand loads,
+behind that layer's demand loads, and counts them issued / used / wasted. A prefetcher is asked only
+at that moment, so it can never act on what the host could not know yet; a prediction that uses
+the trace's future (the oracles) is labelled as an upper bound.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
 
 from moesim.policies.base import Policy
 
 
+@dataclass
+class PrefetchSetup:
+    """What a prefetcher is told about the run: the access plan, the trace and a seed."""
+
+    num_columns: int
+    num_experts: int
+    top_k: int
+    plan: object  # moesim.engine.plan.DecodePlan
+    col_src: tuple
+    experts: np.ndarray  # trace experts [T, L, K]
+    batch_size: int
+    seed: int
+    source: str = "scenario"
+
+    def true_row(self, step: int, column: int) -> list:
+        """The distinct experts ``(step, column)`` really uses (the future, for oracles)."""
+        return self.plan.row(step, self.col_src[column])[0]
+
+
 class PrefetchPolicy(Policy):
-    """Base of prefetch policies. After the host has read layer ``column``'s router output it asks
-    ``plan`` which (column, expert) pairs to load ahead; the engine queues them on the same copy
-    engine as demand loads and counts them issued / used / wasted."""
+    """Base of prefetch policies: ``plan`` returns (column, expert) pairs to load ahead."""
 
     family = "prefetch"
+    is_oracle = False  # uses the trace's future: an upper bound, not a realisable predictor
 
-    def plan(self, step: int, column: int, known_experts, now_s: float) -> list[tuple[int, int]]:
-        """(column, expert) pairs to prefetch, given what the host knows at ``now_s`` seconds."""
+    def __init__(self, config, setup: PrefetchSetup):
+        super().__init__(config)
+        self.setup = setup
+
+    def plan(self, step: int, column: int, known: list) -> list[tuple[int, int]]:
+        """(column, expert) pairs to prefetch after the router of ``(step, column)`` was read;
+        ``known`` = that layer's distinct experts (what the host has just learnt)."""
         return []
