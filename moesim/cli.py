@@ -191,6 +191,50 @@ def trace_synth(
     typer.echo(f"wrote {dst}: {tokens} rows x {len(m.moe_layers)} layers x top-{m.top_k}")
 
 
+def _int_list(text: str, field: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            v = int(part)
+        except ValueError:
+            raise InputError(f"expected comma-separated positive integers, got {part!r}",
+                             source="moesim trace cache-curve", field=field) from None
+        out.append(v)
+    return out
+
+
+@trace_app.command("cache-curve")
+def trace_cache_curve(
+    path: Path = typer.Argument(..., help="trace .npz or directory"),
+    policies: str = typer.Option("lru,lfu,belady", "--policies", help="comma-separated cache policy kinds"),
+    capacities: str = typer.Option("16,32,64", "--capacities", help="comma-separated capacities (expert slots)"),
+    scope: str = typer.Option("global", "--scope", help="global | per_layer"),
+    batch_size: int = typer.Option(1, "--batch-size", help="trace rows per decode step"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="trace rows replayed (default all)"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write a plotly figure (hit rate vs capacity)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Hit rate versus cache capacity per policy, replayed without the timing engine."""
+    from moesim.policies.cache.curve import curve_figure, hit_curve
+
+    kinds = [k.strip() for k in policies.split(",")]
+    caps = _int_list(capacities, "--capacities")
+    curve = hit_curve(path, kinds, caps, scope=scope, batch_size=batch_size, max_tokens=max_tokens)
+    if html is not None:
+        curve_figure(curve).write_html(str(html), include_plotlyjs="cdn")
+    if as_json:
+        typer.echo(json.dumps(curve, indent=2, default=_jsonable))
+        return
+    typer.echo(f"{curve['steps']} steps x {curve['layers']} layers, scope {curve['scope']}, batch {curve['batch_size']}")
+    typer.echo(f"{'policy':<16}{'capacity':>10}{'hits':>10}{'misses':>10}{'hit rate':>10}")
+    for r in curve["results"]:
+        hr = "n/a" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.2f}%"
+        typer.echo(f"{r['policy']:<16}{r['capacity']:>10}{r['hits']:>10}{r['misses']:>10}{hr:>10}")
+    if html is not None:
+        typer.echo(f"wrote {html}")
+
+
 def _jsonable(o):
     import numpy as np
 

@@ -127,12 +127,18 @@ def memory_check(scenario, cache, source: str) -> dict:
     return mem
 
 
-def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int) -> StageTimes:
+def activation_bytes_per_token(model) -> int:
+    """Bytes of one token's hidden state (what crosses the link when an expert runs on the CPU)."""
+    return int(model.hidden_size * model.bytes_per_param)
+
+
+def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int, link: LinkModel) -> StageTimes:
     """Precompute the GPU time of each stage: dense parts per MoE layer, attention per step,
     the tail, and expert time by token count."""
     m, rt, wl = scenario.model, scenario.runtime, scenario.workload
     B = wl.batch_size
     eager = rt.launch_mode == "eager"
+    act_bytes = activation_bytes_per_token(m)
     blocks_before = []
     prev = -1
     for l in model_layers:
@@ -170,6 +176,9 @@ def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int) 
         expert=texp.tolist(),
         expert_membound=[bool(x) for x in tmb],
         expert_fixed=predictor.expert_fixed_s(k_exp),
+        cpu_expert=predictor.cpu_expert_times(np.arange(B + 1)).tolist(),
+        act_d2h=[link.duration_s(int(n * act_bytes), "d2h", pinned=True) if n else 0.0 for n in range(B + 1)],
+        act_h2d=[link.duration_s(int(n * act_bytes), "h2d", pinned=True) if n else 0.0 for n in range(B + 1)],
     )
 
 
@@ -261,7 +270,9 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     predictor = Predictor(m, hw)
     link = LinkModel(hw)
     copy_s = link.duration_s(m.expert_bytes, "h2d", pinned=rt.host_memory == "pinned")
-    stages = stage_times(scenario, predictor, model_layers, plan.steps)
+    stages = stage_times(scenario, predictor, model_layers, plan.steps, link)
+    ex_cfg = scenario.policies.execution
+    execution = registry("execution")[ex_cfg.kind](ex_cfg, setup)
     engine = SingleGpuEngine(
         plan=plan,
         col_src=col_src,
@@ -276,6 +287,8 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         record_timeline=record_timeline,
         progress=progress,
         prefetcher=prefetcher,
+        execution=execution,
+        act_bytes_per_token=activation_bytes_per_token(m),
     )
     note = routing_note(scenario, trace, trace_layers, borrowed, plan)
     return Prepared(

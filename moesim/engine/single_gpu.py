@@ -59,6 +59,9 @@ class StageTimes:
     expert: list  # index = token count
     expert_membound: list
     expert_fixed: float = 0.0  # fixed kernel time inside one expert op (a fused group pays it once)
+    cpu_expert: list = field(default_factory=list)  # CPU time of one expert, index = token count
+    act_d2h: list = field(default_factory=list)  # activation copy to the host, index = tokens
+    act_h2d: list = field(default_factory=list)  # results back to the GPU, index = tokens
 
 
 @dataclass
@@ -94,9 +97,11 @@ class SingleGpuEngine:
         expert_bytes: int,
         copy_s: float,
         warmup_steps: int,
+        act_bytes_per_token: int = 0,
         record_timeline: bool = True,
         progress=None,
         prefetcher=None,
+        execution=None,
     ):
         self.plan = plan
         self.col_src = col_src
@@ -108,9 +113,11 @@ class SingleGpuEngine:
         self.expert_bytes = expert_bytes
         self.copy_s = copy_s
         self.warmup_steps = warmup_steps
+        self.act_bytes_per_token = act_bytes_per_token
         self.record = record_timeline
         self.progress = progress
         self.prefetcher = prefetcher
+        self.execution = execution
         self.gpu_id = "gpu0"
         self.link_id = "link." + hw.link.name
 
@@ -204,6 +211,21 @@ class SingleGpuEngine:
         gpu = 0.0
         cp = 0.0
         ready: dict = {}  # key -> time its copy lands (demand, streamed or prefetched)
+        ex_pol = self.execution
+        uses_cpu = ex_pol is not None and ex_pol.uses_cpu
+        cpu_blocks = uses_cpu and ex_pol.cpu_blocks_host
+        resident = cache.resident
+        tcpu, act_d2h, act_h2d = st.cpu_expert, st.act_d2h, st.act_h2d
+        act_b = self.act_bytes_per_token
+        B = plan.batch_size
+        cpu_r, gpu_d2h = "cpu0", "gpu0.d2h"
+        cpu_free = d2h_free = 0.0
+        pend_rd = 0.0  # the next GPU op waits for CPU expert results until then
+        cpu_hold = 0.0  # the host thread computed CPU experts until then (Fiddler)
+        d_end = 0.0
+        busy_cpu = busy_d2h = 0.0
+        bytes_d2h = bytes_act_h2d = n_cpu = 0
+        col_cpu = [0] * C
         prefetcher = self.prefetcher
         pf_unused: dict = {}  # prefetched keys not used yet -> issued in a measured step?
         pf_issued = pf_used = pf_wasted = pf_pred = pf_pred_right = pf_true = 0
@@ -286,13 +308,13 @@ class SingleGpuEngine:
                     pf_pred_right += len(guess & truth)
                     pf_true += len(truth)
 
-        g_c = c_w = h_c = 0.0  # critical-path parts of the current step
+        g_c = c_w = h_c = u_c = 0.0  # critical-path parts of the current step
         prev = 0.0  # end of the previous op on the compute stream, or the step's start
 
-        def gpu_op(kind, G, n, lm, rd, factor, s, layer, expert, measured):
+        def gpu_op(kind, G, n, lm, rd, factor, s, layer, expert, measured, rd_is_cpu=False):
             # the host launches an op of n equal kernels (lm host seconds each, G GPU seconds in
-            # all) that also waits for time rd; returns its end. See the module docstring.
-            nonlocal host, gpu, prev, g_c, c_w, h_c, busy_gpu, busy_host
+            # all) that also waits for time rd (a copy, or CPU results); returns its end.
+            nonlocal host, gpu, prev, g_c, c_w, h_c, u_c, busy_gpu, busy_host, cpu_hold
             h0 = host
             hb = h0 + lm
             start = gpu if gpu > hb else hb
@@ -305,10 +327,21 @@ class SingleGpuEngine:
                 end = lb
             host = h0 + n * lm
             if start > prev:
-                if rd >= hb and rd > prev:
-                    c_w += start - prev
+                gap = start - prev
+                if rd_is_cpu:
+                    # waiting for CPU experts: up to their results, or while the host computed them
+                    lim = rd if rd > cpu_hold else cpu_hold
+                    part = (start if start < lim else lim) - prev
+                    if part > 0.0:
+                        u_c += part
+                        gap -= part
+                    cpu_hold = 0.0
+                    if gap > 0.0:
+                        h_c += gap
+                elif rd >= hb and rd > prev:
+                    c_w += gap
                 else:
-                    h_c += start - prev
+                    h_c += gap
             g_c += G
             h_c += end - start - G
             gpu = prev = end
@@ -325,7 +358,7 @@ class SingleGpuEngine:
         progress = self.progress
         for s in range(S):
             measured = s >= warm
-            g_c = c_w = h_c = 0.0
+            g_c = c_w = h_c = u_c = 0.0
             prev = step_start
             attn_s = st.attn[s]
             for c in range(C):
@@ -336,7 +369,9 @@ class SingleGpuEngine:
                     n, lm = st.dense_blocks[c] * dk, lam
                 else:
                     n, lm = st.dense_blocks[c], lam_g
-                gpu_op("dense", G, n, lm, 0.0, f_mem if st.dense_membound[c] else f_cmp, s, layer, -1, measured)
+                d_end = gpu_op("dense", G, n, lm, pend_rd, f_mem if st.dense_membound[c] else f_cmp, s, layer,
+                               -1, measured, True)
+                pend_rd = 0.0
                 # ---- router read-back --------------------------------------------------------------
                 if wait_router:
                     t_ready = gpu if gpu > host else host
@@ -349,10 +384,16 @@ class SingleGpuEngine:
                     events += 1
                 # ---- cache decision ---------------------------------------------------------------
                 experts, counts = plan.row(s, col_src[c])
-                res = cache.access(c, experts, t_access)
+                base = c * E
+                cpu_set = None
+                if uses_cpu:
+                    cpu_set = ex_pol.split(c, experts, counts, lambda e: base + e in resident)
+                if cpu_set:
+                    res = cache.access(c, [e for e in experts if e not in cpu_set], t_access)
+                else:
+                    res = cache.access(c, experts, t_access)
                 t_access += 1
                 cnt = dict(zip(experts, counts))
-                base = c * E
                 if pf_unused:
                     for e in res.hits:
                         flag = pf_unused.pop(base + e, None)
@@ -420,6 +461,55 @@ class SingleGpuEngine:
                             tbuf[b] = end
                         else:
                             last_end[base + e] = end
+                # ---- experts on the CPU: activations down, CPU compute, results up ---------------------
+                if cpu_set:
+                    ntok = 0
+                    for e in cpu_set:
+                        ntok += cnt[e]
+                    if ntok > B:
+                        ntok = B
+                    host += iota
+                    ds = d2h_free
+                    if host > ds:
+                        ds = host
+                    if d_end > ds:
+                        ds = d_end
+                    de = ds + act_d2h[ntok]
+                    d2h_free = de
+                    if cpu_blocks and de > host:
+                        host = de  # the host thread waits for the activations it computes on
+                    cs0 = cs = cpu_free if cpu_free > de else de
+                    for e in experts:
+                        if e in cpu_set:
+                            dur = tcpu[cnt[e]]
+                            if rec:
+                                tl.append((cpu_r, "cpu_expert", cs, cs + dur, s, layer, e, 0))
+                            cs += dur
+                    cpu_free = cs
+                    if cpu_blocks and cs > host:
+                        if measured:
+                            busy_host += cs - host
+                        host = cpu_hold = cs
+                    rs = cp if cp > cs else cs
+                    re_ = rs + act_h2d[ntok]
+                    cp = re_
+                    copies.append((rs, re_))
+                    pend_rd = re_
+                    if rec:
+                        tl.append((gpu_d2h, "act_d2h", ds, de, s, layer, -1, ntok * act_b))
+                        tl.append((gpu_h2d, "act_h2d", rs, re_, s, layer, -1, ntok * act_b))
+                    if measured:
+                        busy_cpu += cs - cs0
+                        busy_d2h += de - ds
+                        busy_cp += re_ - rs
+                        bytes_d2h += ntok * act_b
+                        bytes_act_h2d += ntok * act_b
+                        ncpu = len(cpu_set)
+                        n_cpu += ncpu
+                        n_acc += ncpu
+                        n_miss += ncpu
+                        col_miss[c] += ncpu
+                        col_cpu[c] += ncpu
                 # ---- counters ---------------------------------------------------------------------------
                 if measured:
                     nh = len(res.hits)
@@ -446,7 +536,8 @@ class SingleGpuEngine:
                 n, lm = st.tail_blocks * dk + rt.head_kernels, lam
             else:
                 n, lm = st.tail_blocks + 1, lam_g
-            gpu_op("head", G, n, lm, 0.0, f_mem if st.tail_membound else f_cmp, s, -1, -1, measured)
+            gpu_op("head", G, n, lm, pend_rd, f_mem if st.tail_membound else f_cmp, s, -1, -1, measured, True)
+            pend_rd = 0.0
             t_ready = gpu if gpu > host else host
             if rec:
                 tl.append((host_r, "token_readback", t_ready, t_ready + rho, s, -1, -1, 0))
@@ -460,6 +551,7 @@ class SingleGpuEngine:
             parts[s, 0] = g_c
             parts[s, 1] = c_w
             parts[s, 2] = h_c
+            parts[s, 3] = u_c
             step_start = host
             if progress is not None and (s & 63) == 63:
                 progress(s + 1, S)
@@ -476,10 +568,10 @@ class SingleGpuEngine:
             busy_s={
                 gpu_c: busy_gpu,
                 gpu_h2d: busy_cp,
-                "gpu0.d2h": 0.0,
+                "gpu0.d2h": busy_d2h,
                 host_r: busy_host,
-                "cpu0": 0.0,
-                link_r: busy_cp,
+                "cpu0": busy_cpu,
+                link_r: busy_cp + busy_d2h,
             },
             counters={
                 "accesses": n_acc,
@@ -494,7 +586,10 @@ class SingleGpuEngine:
                 "prefetch_predicted_right": pf_pred_right,
                 "prefetch_truth": pf_true,
                 "copies": n_copies,
-                "bytes_h2d": bytes_h2d,
+                "bytes_h2d": bytes_h2d + bytes_act_h2d,
+                "bytes_h2d_experts": bytes_h2d,
+                "bytes_d2h": bytes_d2h,
+                "cpu_experts": n_cpu,
             },
             per_column={
                 "hits": np.array(col_hits),
@@ -504,6 +599,7 @@ class SingleGpuEngine:
                 "evictions": np.array(col_evict),
                 "routed_tokens": np.array(col_tokens),
                 "distinct_experts": np.array(col_distinct),
+                "cpu_experts": np.array(col_cpu),
             },
             events=events,
             timeline=tl if rec else [],

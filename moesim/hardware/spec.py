@@ -79,6 +79,9 @@ class CpuSpec(StrictModel):
     dram_bandwidth_gb_s: float = Field(gt=0)
     peak_gflops_fp32: float = Field(gt=0)
     peak_gflops_bf16: float = Field(gt=0)
+    compute_efficiency: float = Field(
+        default=0.5, gt=0, le=1.0, description="achieved / peak FLOP/s of expert GEMMs (assumption)"
+    )
 
     @property
     def cores(self) -> int:
@@ -144,6 +147,9 @@ class HardwareSpec(StrictModel):
     link: LinkSpec
     expert_profile: str | None = Field(
         default=None, description="name of a measured expert-time table in moesim/perf/tables"
+    )
+    cpu_expert_profile: str | None = Field(
+        default=None, description="name of a measured CPU expert-time table in moesim/perf/tables"
     )
     sources: dict[str, str] = Field(default_factory=dict)
 

@@ -54,6 +54,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
                 "hit_rate": (h / (h + m_)) if h + m_ else None,
                 "loads": int(pc["loads"][i]),
                 "streamed": int(pc["streamed"][i]),
+                "cpu_executed": int(pc["cpu_experts"][i]),
                 "evictions": int(pc["evictions"][i]),
                 "routed_tokens": int(pc["routed_tokens"][i]),
                 "mean_tokens_per_expert": (
@@ -87,6 +88,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "misses": int(c["misses"]),
             "hit_rate": float(c["hits"] / acc) if acc else None,
             "streamed": int(c["streamed"]),
+            "cpu_executed": int(c["cpu_experts"]),
             "prefetch_issued": int(c["prefetch_issued"]),
             "prefetch_used": int(c["prefetch_used"]),
             "prefetch_wasted": int(c["prefetch_wasted"]),
@@ -100,7 +102,8 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
         },
         "transfers": {
             "bytes_h2d": int(c["bytes_h2d"]),
-            "bytes_d2h": 0,
+            "bytes_h2d_experts": int(c["bytes_h2d_experts"]),
+            "bytes_d2h": int(c["bytes_d2h"]),
             "bytes_ssd": 0,
             "bytes_network": 0,
             "copies": int(c["copies"]),
@@ -110,7 +113,12 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
         "critical_path_ms": cp,
         "memory": prep.memory,
         "per_layer": per_layer,
-        "predictor": {"expert": prep.predictor.expert_source, "dense": "roofline"},
+        "predictor": {
+            "expert": prep.predictor.expert_source,
+            "cpu_expert": prep.predictor.cpu_expert_source,
+            "dense": "roofline",
+        },
+        "policies": {fam: getattr(sc.policies, fam).kind for fam in ("cache", "prefetch", "execution")},
         "routing_note": prep.routing_note,
     }
     return summary

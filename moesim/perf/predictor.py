@@ -121,6 +121,50 @@ class Predictor:
         (3 GEMMs, activation, multiply)."""
         return (TABLE_OP_KERNELS if self._table is not None else kernels) * self.fixed_s
 
+    # ----- CPU experts -------------------------------------------------------------------------------
+    def cpu_expert_times(self, tokens) -> np.ndarray:
+        """Host-CPU time (s) of one expert for each token count in ``tokens``: a measured CPU table
+        (``HardwareSpec.cpu_expert_profile``) where shape and dtype match, else a roofline of the
+        expert's bytes over the CPU's DRAM bandwidth and its FLOPs over peak x efficiency. Decode
+        expert math on a CPU is bound by DRAM bandwidth."""
+        tok = np.asarray(tokens, dtype=np.float64)
+        m, cpu = self.model, self.hw.cpu
+        table = self._cpu_table()
+        if table is not None:
+            xs, ys = table
+            t = np.interp(tok, xs, ys)
+            hi = tok > xs[-1]
+            if hi.any():
+                slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+                t = np.where(hi, ys[-1] + slope * (tok - xs[-1]), t)
+            return np.where(tok > 0, t, 0.0)
+        dtype = m.expert_dtype or m.dtype
+        peak = cpu.peak_gflops_bf16 if dtype in ("bf16", "fp16", "fp8", "int8", "int4") else cpu.peak_gflops_fp32
+        tf = m.expert_flops(1) * tok / (peak * 1e9 * cpu.compute_efficiency)
+        tb = m.expert_bytes / (cpu.dram_bandwidth_gb_s * 1e9)
+        return np.where(tok > 0, np.maximum(tf, tb), 0.0)
+
+    def _cpu_table(self):
+        name = self.hw.cpu_expert_profile
+        if not name:
+            return None
+        table = load_profile_table(name)
+        m = self.model
+        dtype = m.expert_dtype or m.dtype
+        rows = [
+            r for r in table["rows"]
+            if r["h"] == m.hidden_size and r["f"] == m.moe_intermediate_size and r["dtype"] == dtype
+        ]
+        if len(rows) < 2 or not m.ffn_gated:
+            return None
+        rows.sort(key=lambda r: r["tokens"])
+        return (np.array([r["tokens"] for r in rows], float), np.array([r["ms"] for r in rows], float) * 1e-3)
+
+    @property
+    def cpu_expert_source(self) -> str:
+        """Where CPU expert times come from."""
+        return "profile table " + self.hw.cpu_expert_profile if self._cpu_table() is not None else "roofline"
+
     # ----- dense parts ----------------------------------------------------------------------------
     def block_dense(self, layer: int, batch: int, kernels: int) -> OpTime:
         """Non-expert part of block ``layer`` for ``batch`` tokens, without the attention core

@@ -33,7 +33,8 @@ def test_bytes_time_order_and_link_rate(name):
     xb = s["transfers"]["expert_bytes"]
     c = res.counters
     # bytes moved = loads x expert bytes, in the counters and in the timeline
-    assert s["transfers"]["bytes_h2d"] == s["transfers"]["copies"] * xb
+    assert s["transfers"]["bytes_h2d_experts"] == s["transfers"]["copies"] * xb
+    assert s["transfers"]["bytes_h2d"] == s["transfers"]["bytes_h2d_experts"]  # no CPU experts here
     assert s["transfers"]["copies"] == s["cache"]["misses"] + s["cache"]["prefetch_issued"]
     warm = res.warmup_steps
     copy_rows = [r for r in tl if r[0] == "gpu0.h2d" and r[4] >= warm]

@@ -33,14 +33,16 @@ class CacheConfig(PolicyConfig):
 
     ``capacity_experts`` is the total number of expert slots in GPU memory; ``capacity_gib`` the
     whole expert-cache budget (slots = budget // expert bytes). With ``scope: per_layer`` the total
-    is split equally over the MoE layers (floor). ``warm_start``: ``none`` (cold), ``first``, or an
+    is split equally over the MoE layers (floor). ``warm_start``: ``none`` (cold), ``first``,
+    ``popular`` (the most used experts of the replayed trace, least used least recent: a profile
+    taken on the same routing, as static-placement systems such as Fiddler do offline), or an
     explicit ``{model_layer: [experts, least recent first]}``.
     """
 
     capacity_experts: int | None = Field(default=None, ge=0)
     capacity_gib: float | None = Field(default=None, gt=0)
     scope: Literal["global", "per_layer"] = "global"
-    warm_start: Literal["none", "first"] | dict[int, list[int]] = "none"
+    warm_start: Literal["none", "first", "popular"] | dict[int, list[int]] = "none"
     transient_buffers: int = Field(
         default=2, ge=1, description="buffers for streamed (uncached) experts, beyond the cache"
     )
@@ -193,6 +195,9 @@ class CachePolicy(Policy):
                 for key in range(n):
                     self._insert(pool, key, -1)
             return
+        if ws == "popular":
+            self._warm_popular()
+            return
         col_of = {m: c for c, m in enumerate(s.model_layers)}
         for layer in sorted(ws):
             if layer not in col_of:
@@ -220,6 +225,31 @@ class CachePolicy(Policy):
                         field=f"policies.cache.warm_start.{layer}",
                     )
                 self._insert(pool, key, -1)
+
+    def _warm_popular(self) -> None:
+        s = self.setup
+        if s.experts is None:
+            raise InputError("warm_start 'popular' needs the trace", source=s.source, field="policies.cache.warm_start")
+        import numpy as np
+
+        counts = np.zeros((s.num_columns, self.E), dtype=np.int64)
+        for c in range(s.num_columns):
+            col = np.asarray(s.experts[:, s.col_src[c]]).reshape(-1)
+            counts[c] = np.bincount(col[col >= 0].astype(np.int64), minlength=self.E)[: self.E]
+        flat = counts.reshape(-1)
+        if self.config.scope == "per_layer":
+            for c in range(s.num_columns):
+                pool = self.pool_of_column[c]
+                n = min(self.E, pool.capacity_bytes // self.expert_bytes)
+                top = np.argsort(-counts[c], kind="stable")[:n]
+                for e in top[::-1]:  # least used first = least recent
+                    self._insert(pool, c * self.E + int(e), -1)
+        else:
+            pool = self.pools[0]
+            n = min(flat.size, pool.capacity_bytes // self.expert_bytes)
+            top = np.argsort(-flat, kind="stable")[:n]
+            for key in top[::-1]:
+                self._insert(pool, int(key), -1)
 
     # ----- hooks for subclasses -----------------------------------------------------------------
     def size_of(self, key: int) -> int:

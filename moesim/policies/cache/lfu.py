@@ -19,7 +19,8 @@ class Lfu(CachePolicy):
       while it was not resident, so an evicted expert that returns keeps its history;
       ``frequency: resident`` counts only since the expert last entered the cache (the count is
       dropped on eviction, as in the textbook in-cache LFU).
-    * The miss that brings an expert in counts as one use; a warm-started expert starts at 0.
+    * Every access counts one use (streamed misses too, in ``global``); a warm-started expert
+      starts at 0.
     * Ties on frequency go to the least recently used expert (a hit or an insert makes an expert
       most recent; within one step in the order of the accounting: hits, then misses).
     """
@@ -40,13 +41,26 @@ class Lfu(CachePolicy):
         self._clock += 1
         self.last[key] = self._clock
 
+    def access(self, column, experts, t):
+        """Count the uses (``frequency: global`` counts every access, streamed ones too), then serve
+        the access as the base class does."""
+        if self.config.frequency == "global":
+            base = column * self.E
+            freq = self.freq
+            for e in experts:
+                freq[base + e] = freq.get(base + e, 0) + 1
+        return super().access(column, experts, t)
+
     def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        self.freq[key] = self.freq.get(key, 0) + 1
+        if self.config.frequency == "resident":
+            self.freq[key] += 1
         self._stamp(key)
 
     def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        use = 0 if t < 0 else 1  # t < 0: warm start, not an access
-        self.freq[key] = self.freq.get(key, 0) + use
+        if self.config.frequency == "resident":
+            self.freq[key] = 0 if t < 0 else 1  # t < 0: warm start, not an access
+        else:
+            self.freq.setdefault(key, 0)
         self._stamp(key)
 
     def _on_evict(self, pool: Pool, key: int) -> None:

@@ -1,4 +1,13 @@
-"""The execution-policy interface."""
+"""The execution-policy interface: where each expert of a (step, layer) runs.
+
+``split`` returns the experts that run on the host CPU; the rest go through the GPU path (cache
+hit, or load on demand). For CPU experts the engine copies the layer's activations to the host
+(device-to-host engine), runs the experts one after another on the CPU with the configured threads
+(their time from a measured CPU table or a DRAM-bandwidth roofline), copies the results back
+(host-to-device engine, FIFO with expert loads) and makes the next GPU op wait for them. With
+``cpu_blocks_host`` the host thread itself computes them (Fiddler's design); otherwise CPU worker
+threads do, and the host goes on launching GPU work (kTransformers).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +15,17 @@ from moesim.policies.base import Policy
 
 
 class ExecutionPolicy(Policy):
-    """Base of execution policies: decides the device each expert of a (step, layer) runs on.
-
-    ``supports`` lists the devices the engine must provide for this policy."""
+    """Base of execution policies."""
 
     family = "execution"
-    devices: tuple[str, ...] = ("gpu",)
+    uses_cpu = False  # the engine skips the CPU path entirely when False
+    cpu_blocks_host = False
+
+    def __init__(self, config, setup=None):
+        super().__init__(config)
+        self.setup = setup
+
+    def split(self, column: int, experts: list, counts: list, is_resident) -> set:
+        """Experts of ``(step, column)`` to run on the CPU; ``is_resident(e)`` tells whether expert
+        ``e`` of this layer is in GPU memory now (the cache is not changed by asking)."""
+        return set()

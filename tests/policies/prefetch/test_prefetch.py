@@ -52,7 +52,7 @@ def test_prefetch_accounting_and_timing(kind):
     assert c["prefetch_issued"] > 0
     # bytes moved = copies x expert bytes, copies = demand misses + prefetches
     assert s["transfers"]["copies"] == c["misses"] + c["prefetch_issued"]
-    assert s["transfers"]["bytes_h2d"] == s["transfers"]["copies"] * s["transfers"]["expert_bytes"]
+    assert s["transfers"]["bytes_h2d_experts"] == s["transfers"]["copies"] * s["transfers"]["expert_bytes"]
     # a prefetch for layer l+1 never starts before the host has read layer l's router output
     readback = {(r[4], r[5]): r[3] for r in tl if r[1] == "router_readback"}
     layers = out.prepared.model_layers
