@@ -273,6 +273,10 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     stages = stage_times(scenario, predictor, model_layers, plan.steps, link)
     ex_cfg = scenario.policies.execution
     execution = registry("execution")[ex_cfg.kind](ex_cfg, setup)
+    execution.bind_costs(
+        gpu_t=stages.expert, cpu_t=stages.cpu_expert, copy_s=copy_s,
+        act_s=(stages.act_d2h[1] + stages.act_h2d[1]) if len(stages.act_d2h) > 1 else 0.0,
+    )
     engine = SingleGpuEngine(
         plan=plan,
         col_src=col_src,

@@ -25,6 +25,10 @@ class ExecutionPolicy(Policy):
         super().__init__(config)
         self.setup = setup
 
+    def bind_costs(self, *, gpu_t, cpu_t, copy_s, act_s) -> None:
+        """Told once before the run: expert GPU and CPU times by token count, one weight copy and
+        one activation round trip (seconds). Policies that plan with costs keep them."""
+
     def split(self, column: int, experts: list, counts: list, is_resident) -> set:
         """Experts of ``(step, column)`` to run on the CPU; ``is_resident(e)`` tells whether expert
         ``e`` of this layer is in GPU memory now (the cache is not changed by asking)."""
