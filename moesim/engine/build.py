@@ -82,7 +82,10 @@ def memory_check(scenario, cache, source: str) -> dict:
     tbuf = cache.transient_buffer_count() * cache.expert_bytes
     need = dense + kv + cache_b + tbuf
     kind = scenario.policies.cache.kind
-    host_store = 0 if kind == "all_resident" else m.total_expert_bytes
+    if kind == "all_resident":  # only experts kept off the GPU need a host copy
+        host_store = m.total_expert_bytes - cache.slots_total() * m.expert_bytes
+    else:
+        host_store = m.total_expert_bytes
     mem = {
         "gpu_usable_bytes": int(usable),
         "dense_bytes": int(dense),
@@ -245,7 +248,7 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         batch_size=wl.batch_size,
     )
     cache = cache_cls(scenario.policies.cache, setup)
-    if cache.transient_buffer_count() == 0 and scenario.policies.cache.kind != "all_resident":
+    if cache.transient_buffer_count() == 0 and cache.slots_total() < len(model_layers) * m.num_experts:
         raise InputError("needs at least one transient buffer", source=source, field="policies.cache")
     memory = memory_check(scenario, cache, source)
     prefetcher = None

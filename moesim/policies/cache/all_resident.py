@@ -4,28 +4,40 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from moesim.policies.base import PolicyConfig
 from moesim.policies.cache.base import CachePolicy, Pool
 
 
 class AllResident(CachePolicy):
     """All experts of all MoE layers live in GPU memory from the start; every access is a hit.
-    The memory check refuses it when the model does not fit."""
+    The memory check refuses it when the model does not fit.
+
+    ``cpu_moe_layers: N`` keeps the experts of the first N MoE layers in host memory instead (the
+    static layout of llama.cpp's ``--n-cpu-moe N``): pair it with an execution policy that runs
+    non-resident experts on the CPU (``llamacpp``); on the GPU path they would be streamed through
+    one transient buffer."""
 
     class Config(PolicyConfig):
-        """All experts resident (no capacity to set)."""
+        """All experts resident, except those of the first ``cpu_moe_layers`` MoE layers."""
 
         kind: Literal["all_resident"] = "all_resident"
+        cpu_moe_layers: int = Field(default=0, ge=0)
 
     def slots_total(self) -> int:
-        return self.setup.num_columns * self.E
+        return max(0, self.setup.num_columns - self.config.cpu_moe_layers) * self.E
+
+    def transient_buffer_count(self) -> int:
+        return 1 if self.config.cpu_moe_layers else 0
 
     def _build_pools(self) -> None:
         total = self.slots_total()
         pool = Pool(0, total * self.expert_bytes)
         self.pools = [pool]
         self.pool_of_column = [pool] * self.setup.num_columns
-        for key in range(total):
+        first = min(self.config.cpu_moe_layers, self.setup.num_columns) * self.E
+        for key in range(first, first + total):
             self._insert(pool, key, -1)
 
     def _on_hit(self, pool: Pool, key: int, t: int) -> None:
