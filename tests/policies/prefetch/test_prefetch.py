@@ -66,3 +66,48 @@ def test_prefetch_accounting_and_timing(kind):
 def test_frequency_topk_learns_only_from_the_past():
     s = run("policies.prefetch.kind=frequency_topk").summary["cache"]
     assert 0.0 < s["prefetch_precision"] < 1.0  # a real predictor: measured, not perfect
+
+
+def test_path_table_learns_out_of_sample_and_beats_chance():
+    s = run("policies.prefetch.kind=path_table").summary["cache"]
+    assert s["prefetch_issued"] > 0
+    # top-2 of 8 experts: guessing two at random is right 25% of the time
+    assert s["prefetch_precision"] > 0.25
+    from moesim.errors import InputError
+
+    with pytest.raises(InputError, match="does not replay"):
+        sc = load_scenario(SC, ["workload.max_tokens=4096", "workload.warmup_tokens=0", "policies.prefetch.kind=path_table"])
+        simulate(sc)
+
+
+def test_path_table_transition_counts_brute_force():
+    import numpy as np
+
+    from moesim.engine.plan import build_plan
+    from moesim.policies.prefetch.base import PrefetchSetup
+    from moesim.policies.prefetch.path_table import PathTable
+
+    rng = np.random.default_rng(5)
+    ex = np.stack([rng.choice(4, size=2, replace=False) for _ in range(3 * 200)]).reshape(200, 3, 2)
+    plan = build_plan(ex, batch_size=1, max_tokens=50, loop_trace=False)
+    su = PrefetchSetup(num_columns=3, num_experts=4, top_k=2, plan=plan, col_src=(0, 1, 2), experts=ex, batch_size=1, seed=0)
+    p = PathTable(PathTable.Config(kind="path_table"), su)
+    ref = np.zeros((3, 4, 4), dtype=int)
+    for row in ex[50:]:
+        for c in range(2):
+            for i in row[c]:
+                for j in row[c + 1]:
+                    ref[c, i, j] += 1
+    assert np.array_equal(p.table, ref)
+
+
+def test_readme_pregating_prefetches_the_whole_step_after_layer_zero():
+    out = run("policies.prefetch.kind=readme_pregating", "policies.cache.capacity_experts=192", timeline=True)
+    c = out.summary["cache"]
+    assert c["prefetch_precision"] == 1.0
+    pf = [r for r in out.result.timeline if r[1] == "prefetch"]
+    first = out.prepared.model_layers[0]
+    readback0 = {r[4]: r[3] for r in out.result.timeline if r[1] == "router_readback" and r[5] == first}
+    assert all(r[2] >= readback0[r[4]] for r in pf)
+    base = run("policies.cache.capacity_experts=192").summary
+    assert out.summary["cache"]["misses"] < base["cache"]["misses"]
