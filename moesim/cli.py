@@ -51,46 +51,96 @@ def human_summary(s: dict) -> str:
 
 @app.command()
 def run(
-    scenario: Path = typer.Argument(..., help="scenario YAML file"),
+    scenarios: List[Path] = typer.Argument(..., help="scenario YAML file(s); several are compared"),
     set_: List[str] = typer.Option([], "--set", help="override a field: key.path=value (repeatable)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default runs/<name>-<hash8>/)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="output directory (default runs/<name>-<hash8>/; several scenarios: DIR/<name>/)"
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario seed"),
     timeline: bool = typer.Option(False, "--timeline", help="also write timeline.parquet"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output directory"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the output directory"),
     as_json: bool = typer.Option(False, "--json", help="print summary.json to stdout"),
+    rank: str = typer.Option("tpot", help="several scenarios: rank by tpot | throughput | hit_rate"),
 ):
-    """Run one scenario; write summary.json and scenario.resolved.yaml (and timeline.parquet)."""
-    from moesim.config.loader import load_scenario, resolved_dict
+    """Run scenarios; write summary.json and scenario.resolved.yaml (and timeline.parquet) for
+    each. Several scenarios are all validated first, then run, then ranked in one table."""
+    from moesim.config.loader import load_scenario
+
+    if rank not in RANKS:
+        raise InputError(f"unknown rank {rank!r}; valid: {', '.join(RANKS)}", source="--rank")
+    loaded = [(str(p), load_scenario(p, set_, seed=seed)) for p in scenarios]  # all input checked first
+    names = [sc.name for _, sc in loaded]
+    if len(set(names)) != len(names):
+        raise InputError("two scenarios share a name; their outputs would collide", source="moesim run")
+    results = []
+    for src, sc in loaded:
+        sub = out if (out is None or len(loaded) == 1) else out / sc.name
+        results.append(_run_one(src, sc, sub, timeline=timeline, force=force, quiet=quiet or len(loaded) > 1))
+    if len(results) == 1:
+        result, out_dir = results[0]
+        s = result.summary
+        if as_json:
+            typer.echo(json.dumps(s, indent=2))
+        elif quiet:
+            typer.echo(str(out_dir))
+        else:
+            typer.echo(human_summary(s))
+            for note in result.prepared.notes:
+                typer.echo(f"note       {note}")
+            typer.echo(f"output     {out_dir}/")
+        return
+    summaries = [r.summary for r, _ in results]
+    if as_json:
+        typer.echo(json.dumps(summaries, indent=2))
+        return
+    typer.echo(ranked_table(summaries, [d for _, d in results], rank))
+
+
+RANKS = {
+    "tpot": (lambda s: s["tpot_ms"]["mean"], False),
+    "throughput": (lambda s: s["throughput_tok_s"], True),
+    "hit_rate": (lambda s: s["cache"]["hit_rate"] or 0.0, True),
+}
+
+
+def ranked_table(summaries: list, dirs: list, rank: str) -> str:
+    """Scenarios side by side, best first by ``rank``."""
+    key, reverse = RANKS[rank]
+    order = sorted(range(len(summaries)), key=lambda i: key(summaries[i]), reverse=reverse)
+    head = f"{'#':>2}  {'scenario':<44} {'TPOT ms':>9} {'p99 ms':>9} {'tok/s':>8} {'hit %':>6} {'GB h2d':>8}  output"
+    lines = [head, "-" * len(head)]
+    for rank_i, i in enumerate(order, 1):
+        s = summaries[i]
+        hr = s["cache"]["hit_rate"]
+        lines.append(
+            f"{rank_i:>2}  {s['scenario'][:44]:<44} {s['tpot_ms']['mean']:>9.2f} {s['tpot_ms']['p99']:>9.2f} "
+            f"{s['throughput_tok_s']:>8.2f} {('-' if hr is None else f'{100 * hr:.1f}'):>6} "
+            f"{s['transfers']['bytes_h2d'] / 1e9:>8.2f}  {dirs[i]}"
+        )
+    return "\n".join(lines)
+
+
+def _run_one(src: str, sc, out: Optional[Path], *, timeline: bool, force: bool, quiet: bool):
+    """Simulate one validated scenario and write its outputs; returns (result, output dir)."""
+    from moesim.config.loader import resolved_dict
     from moesim.engine.run import simulate
     from moesim.metrics.output import write_outputs
 
-    src = str(scenario)
-    sc = load_scenario(scenario, set_, seed=seed)
-    progress_ctx = _progress(quiet)
-    with progress_ctx as prog:
+    with _progress(quiet) as prog:
         result = simulate(sc, source=src, record_timeline=timeline, progress=prog)
-    s = result.summary
     out_dir = out if out is not None else Path("runs") / f"{sc.name}-{result.scenario_hash[:8]}"
     try:
         write_outputs(
             out_dir,
-            summary=s,
+            summary=result.summary,
             resolved=resolved_dict(sc),
             timeline_rows=result.result.timeline if timeline else None,
             force=force,
         )
     except FileExistsError:
         raise InputError(f"output directory {out_dir} exists; pass --force to overwrite", source="--out") from None
-    if as_json:
-        typer.echo(json.dumps(s, indent=2))
-    elif quiet:
-        typer.echo(str(out_dir))
-    else:
-        typer.echo(human_summary(s))
-        for note in result.prepared.notes:
-            typer.echo(f"note       {note}")
-        typer.echo(f"output     {out_dir}/")
+    return result, out_dir
 
 
 class _progress:

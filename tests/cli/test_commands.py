@@ -44,3 +44,21 @@ def test_trace_stats_bad_file(tmp_path, capsys):
     p.write_bytes(b"not a zip")
     assert main(["trace", "stats", str(p)]) == 2
     assert "bad.npz" in capsys.readouterr().err
+
+
+def test_run_several_scenarios_ranks_them(tmp_path, capsys):
+    sc = ROOT / "scenarios"
+    files = [str(sc / "mixtral-8x7b-h100-lru-c96.yaml"), str(sc / "mixtral-8x7b-h100-streaming.yaml"),
+             str(sc / "mixtral-8x7b-h100-resident-fp8.yaml")]
+    args = ["run", *files, "--out", str(tmp_path / "cmp"), "--set", "workload.max_tokens=24", "--set", "workload.warmup_tokens=0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [ln.split()[1] for ln in out[2:]]
+    assert rows == ["mixtral-8x7b-h100-resident-fp8", "mixtral-8x7b-h100-lru-c96", "mixtral-8x7b-h100-streaming"]
+    for name in rows:
+        assert (tmp_path / "cmp" / name / "summary.json").is_file()
+    # one bad file: nothing runs, nothing is written
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {preset: nope}\n")
+    assert main(["run", files[0], str(bad), "--out", str(tmp_path / "cmp2")]) == 2
+    assert not (tmp_path / "cmp2").exists()
