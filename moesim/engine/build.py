@@ -130,6 +130,31 @@ def memory_check(scenario, cache, source: str) -> dict:
     return mem
 
 
+def precision_setup(scenario, setup: CacheSetup, link: LinkModel, plan, trace):
+    """The engine's precision tuple (policy, low bytes, low copy time, low kernel times, mean-weight
+    function), or None for full precision."""
+    cfg = scenario.policies.precision
+    if cfg.kind == "full":
+        return None
+    policy = registry("precision")[cfg.kind](cfg, setup)
+    m, rt, wl = scenario.model, scenario.runtime, scenario.workload
+    low_model = m.model_copy(update={"expert_dtype": policy.low_dtype})
+    low_pred = Predictor(low_model, scenario.hardware)
+    k_exp = rt.kernels_per_expert if rt.launch_mode == "eager" else 1
+    low_t, _ = low_pred.expert_times(np.arange(wl.batch_size + 1), kernels=k_exp)
+    low_b = low_model.expert_bytes
+    low_copy = link.duration_s(low_b, "h2d", pinned=rt.host_memory == "pinned")
+    uniform = 1.0 / m.top_k
+
+    def mean_weight(step, column, experts, counts):
+        if setup.weights is None:
+            return {e: uniform for e in experts}
+        mass = setup.gate_mass(step, column)
+        return {e: mass.get(e, 0.0) / n for e, n in zip(experts, counts)}
+
+    return policy, low_b, low_copy, low_t.tolist(), mean_weight
+
+
 def activation_bytes_per_token(model) -> int:
     """Bytes of one token's hidden state (what crosses the link when an expert runs on the CPU)."""
     return int(model.hidden_size * model.bytes_per_param)
@@ -296,6 +321,7 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         prefetcher=prefetcher,
         execution=execution,
         act_bytes_per_token=activation_bytes_per_token(m),
+        precision=precision_setup(scenario, setup, link, plan, trace),
     )
     note = routing_note(scenario, trace, trace_layers, borrowed, plan)
     return Prepared(

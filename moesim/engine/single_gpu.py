@@ -102,6 +102,7 @@ class SingleGpuEngine:
         progress=None,
         prefetcher=None,
         execution=None,
+        precision=None,
     ):
         self.plan = plan
         self.col_src = col_src
@@ -118,6 +119,7 @@ class SingleGpuEngine:
         self.progress = progress
         self.prefetcher = prefetcher
         self.execution = execution
+        self.precision = precision  # None, or (policy, low_bytes, low_copy_s, low_times, mean_weight)
         self.gpu_id = "gpu0"
         self.link_id = "link." + hw.link.name
 
@@ -211,6 +213,17 @@ class SingleGpuEngine:
         gpu = 0.0
         cp = 0.0
         ready: dict = {}  # key -> time its copy lands (demand, streamed or prefetched)
+        low_now: set = set()  # experts of the current layer at low precision
+        key_bytes = cache.key_bytes
+        prec = None
+        low_b, low_copy_s, texp_low, mean_weight = xb, copy_s, texp, None
+        if self.precision is not None:
+            prec, low_b, low_copy_s, texp_low, mean_weight = self.precision
+        q_total, q_low, q_skip = [0.0], [0.0], [0.0]
+        n_skip = n_low_loads = 0
+
+        def cnt_of(e, experts, counts):
+            return counts[experts.index(e)]
         ex_pol = self.execution
         uses_cpu = ex_pol is not None and ex_pol.uses_cpu
         cpu_blocks = uses_cpu and ex_pol.cpu_blocks_host
@@ -233,7 +246,7 @@ class SingleGpuEngine:
         stream_slot: dict = {}
         tbi = 0
 
-        def issue_copy(key, e, slot, kind, s, layer, measured):
+        def issue_copy(key, e, slot, kind, s, layer, measured, dur=None, nbytes=None):
             # host issues one expert copy; it starts when the engine, the host and its slot are free
             nonlocal host, cp, busy_cp, busy_host, n_copies, bytes_h2d
             host += iota
@@ -242,19 +255,21 @@ class SingleGpuEngine:
                 cs = host
             if slot > cs:
                 cs = slot
-            ce = cs + copy_s
+            if dur is None:
+                dur, nbytes = copy_s, xb
+            ce = cs + dur
             if pageable:
                 host = ce  # a pageable copy blocks the host thread until it is done
             cp = ce
             ready[key] = ce
             copies.append((cs, ce))
             if rec:
-                tl.append((gpu_h2d, kind, cs, ce, s, layer, e, xb))
+                tl.append((gpu_h2d, kind, cs, ce, s, layer, e, nbytes))
             if measured:
-                busy_cp += copy_s
+                busy_cp += dur
                 busy_host += iota + (ce - cs if pageable else 0.0)
                 n_copies += 1
-                bytes_h2d += xb
+                bytes_h2d += nbytes
 
         def issue_stream(key, e, s, layer, measured):
             # a streamed expert takes the next transient buffer of the ring
@@ -262,7 +277,10 @@ class SingleGpuEngine:
             b = tbi
             tbi = (tbi + 1) % nbuf
             stream_slot[e] = b
-            issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured)
+            if e in low_now:
+                issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured, low_copy_s, low_b)
+            else:
+                issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured)
 
         def dropped(keys):
             # evicted keys: a prefetched expert evicted before any use is wasted
@@ -388,7 +406,42 @@ class SingleGpuEngine:
                 cpu_set = None
                 if uses_cpu:
                     cpu_set = ex_pol.split(c, experts, counts, lambda e: base + e in resident)
-                if cpu_set:
+                if prec is not None:
+                    # misses: full, low-precision copy, or skipped, by mean gate weight
+                    w_of = mean_weight(s, c, experts, counts)
+                    sizes = {}
+                    skip = set()
+                    low_now.clear()
+                    for e in experts:
+                        key = base + e
+                        if key in resident:
+                            if key_bytes[key] != xb:
+                                low_now.add(e)
+                            continue
+                        if cpu_set and e in cpu_set:
+                            continue
+                        d = prec.decide(c, e, w_of[e])
+                        if d == "skip":
+                            skip.add(e)
+                        elif d == "low":
+                            sizes[e] = low_b
+                            low_now.add(e)
+                    run_gpu = [e for e in experts if e not in skip and not (cpu_set and e in cpu_set)]
+                    res = cache.access(c, run_gpu, t_access, sizes or None)
+                    if measured:
+                        for e in experts:
+                            m_ = w_of[e] * cnt_of(e, experts, counts)
+                            q_total[0] += m_
+                            if e in skip:
+                                q_skip[0] += m_
+                            elif e in low_now:
+                                q_low[0] += m_
+                        n_skip += len(skip)
+                        n_acc += len(skip)
+                        n_miss += len(skip)
+                        col_miss[c] += len(skip)
+                        n_low_loads += sum(1 for e, _ in res.loads if e in sizes)
+                elif cpu_set:
                     res = cache.access(c, [e for e in experts if e not in cpu_set], t_access)
                 else:
                     res = cache.access(c, experts, t_access)
@@ -409,7 +462,10 @@ class SingleGpuEngine:
                         le = last_end.get(v, 0.0)
                         if le > slot:
                             slot = le
-                    issue_copy(base + e, e, slot, "copy", s, layer, measured)
+                    if e in low_now:
+                        issue_copy(base + e, e, slot, "copy", s, layer, measured, low_copy_s, low_b)
+                    else:
+                        issue_copy(base + e, e, slot, "copy", s, layer, measured)
                 streamed = res.streamed
                 ns = len(streamed)
                 # a streamed copy needs a free transient buffer; those beyond the ring's size are
@@ -446,7 +502,7 @@ class SingleGpuEngine:
                     rd = 0.0
                     for e in grp:
                         k = cnt[e]
-                        T += texp[k]
+                        T += texp_low[k] if e in low_now else texp[k]
                         mb = mb or tmb[k]
                         r = ready.pop(base + e, 0.0)
                         if r > rd:
@@ -590,6 +646,11 @@ class SingleGpuEngine:
                 "bytes_h2d_experts": bytes_h2d,
                 "bytes_d2h": bytes_d2h,
                 "cpu_experts": n_cpu,
+                "skipped": n_skip,
+                "low_precision_loads": n_low_loads,
+                "gate_mass_total": q_total[0],
+                "gate_mass_low": q_low[0],
+                "gate_mass_skipped": q_skip[0],
             },
             per_column={
                 "hits": np.array(col_hits),

@@ -109,6 +109,16 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "copies": int(c["copies"]),
             "expert_bytes": int(sc.model.expert_bytes),
         },
+        "precision": {
+            "policy": sc.policies.precision.kind,
+            "low_precision_loads": int(c["low_precision_loads"]),
+            "skipped": int(c["skipped"]),
+            "gate_mass_total": float(c["gate_mass_total"]),
+            "gate_mass_low_fraction": (c["gate_mass_low"] / c["gate_mass_total"]) if c["gate_mass_total"] else None,
+            "gate_mass_skipped_fraction": (
+                c["gate_mass_skipped"] / c["gate_mass_total"] if c["gate_mass_total"] else None
+            ),
+        },
         "utilization": util,
         "critical_path_ms": cp,
         "memory": prep.memory,
@@ -118,7 +128,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "cpu_expert": prep.predictor.cpu_expert_source,
             "dense": "roofline",
         },
-        "policies": {fam: getattr(sc.policies, fam).kind for fam in ("cache", "prefetch", "execution")},
+        "policies": {fam: getattr(sc.policies, fam).kind for fam in ("cache", "prefetch", "execution", "precision")},
         "routing_note": prep.routing_note,
     }
     return summary

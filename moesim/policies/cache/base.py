@@ -135,6 +135,7 @@ class CachePolicy(Policy):
         self.pools: list[Pool] = []
         self.pool_of_column: list[Pool] = []
         self.resident: dict[int, Pool] = {}
+        self.key_bytes: dict[int, int] = {}  # bytes of each resident copy (precision variants differ)
         self._build_pools()
 
     # ----- capacity -----------------------------------------------------------------------------
@@ -274,21 +275,24 @@ class CachePolicy(Policy):
         pass
 
     # ----- shared accounting ----------------------------------------------------------------------
-    def _insert(self, pool: Pool, key: int, t: int) -> None:
+    def _insert(self, pool: Pool, key: int, t: int, size: int | None = None) -> None:
+        size = self.size_of(key) if size is None else size
         pool.order[key] = None
-        pool.used_bytes += self.size_of(key)
+        pool.used_bytes += size
+        self.key_bytes[key] = size
         self.resident[key] = pool
         self._on_insert(pool, key, t)
 
     def _evict(self, pool: Pool, key: int) -> None:
         del pool.order[key]
-        pool.used_bytes -= self.size_of(key)
+        pool.used_bytes -= self.key_bytes.pop(key)
         del self.resident[key]
         self._on_evict(pool, key)
 
-    def access(self, column: int, experts: Sequence[int], t: int) -> AccessResult:
+    def access(self, column: int, experts: Sequence[int], t: int, sizes: dict | None = None) -> AccessResult:
         """Serve one (step, layer): ``experts`` are the distinct experts in first-appearance order;
-        ``t`` is the access clock (increases by one per (step, layer))."""
+        ``t`` is the access clock (increases by one per (step, layer)); ``sizes`` gives the bytes
+        of a missed expert's copy when it differs from :meth:`size_of` (a lower-precision load)."""
         base = column * self.E
         pool = self.pool_of_column[column]
         resident = self.resident
@@ -307,7 +311,7 @@ class CachePolicy(Policy):
             protect = {base + e for e in experts}
             for e in missed:
                 key = base + e
-                size = self.size_of(key)
+                size = sizes[e] if sizes and e in sizes else self.size_of(key)
                 if not self.admit(pool, key, t) or size > pool.capacity_bytes:
                     streamed.append(e)
                     continue
@@ -321,7 +325,7 @@ class CachePolicy(Policy):
                 if pool.used_bytes + size > pool.capacity_bytes:
                     streamed.append(e)  # evicted ones stay evicted: their room is simply unused
                     continue
-                self._insert(pool, key, t)
+                self._insert(pool, key, t, size)
                 loads.append((e, evicted))
         return AccessResult(hits, loads, streamed)
 

@@ -76,10 +76,10 @@ class Belady(CachePolicy):
         self._now = 0
         super().__init__(config, setup)
 
-    def access(self, column, experts, t):
+    def access(self, column, experts, t, sizes=None):
         """Serve one (step, layer) at access clock ``t`` (also the reference for next uses)."""
         self._now = t
-        return super().access(column, experts, t)
+        return super().access(column, experts, t, sizes)
 
     def _on_hit(self, pool: Pool, key: int, t: int) -> None:
         order = pool.order

@@ -49,7 +49,7 @@ class Hobbit(CachePolicy):
         self._col = 0
         super().__init__(config, setup)
 
-    def access(self, column, experts, t):
+    def access(self, column, experts, t, sizes=None):
         """Count the uses and note the clock and layer, then serve the access."""
         self._now = t
         self._col = column
@@ -57,7 +57,7 @@ class Hobbit(CachePolicy):
         u = self.uses
         for e in experts:
             u[base + e] = u.get(base + e, 0) + 1
-        return super().access(column, experts, t)
+        return super().access(column, experts, t, sizes)
 
     def scores(self, pool: Pool, protect) -> dict:
         """Keep-score of every unprotected resident key of ``pool``."""

@@ -41,7 +41,7 @@ class Lfu(CachePolicy):
         self._clock += 1
         self.last[key] = self._clock
 
-    def access(self, column, experts, t):
+    def access(self, column, experts, t, sizes=None):
         """Count the uses (``frequency: global`` counts every access, streamed ones too), then serve
         the access as the base class does."""
         if self.config.frequency == "global":
@@ -49,7 +49,7 @@ class Lfu(CachePolicy):
             freq = self.freq
             for e in experts:
                 freq[base + e] = freq.get(base + e, 0) + 1
-        return super().access(column, experts, t)
+        return super().access(column, experts, t, sizes)
 
     def _on_hit(self, pool: Pool, key: int, t: int) -> None:
         if self.config.frequency == "resident":

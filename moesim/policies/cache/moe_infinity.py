@@ -90,7 +90,7 @@ class MoeInfinity(CachePolicy):
         by = dict(zip(ex, cnt))
         return [by.get(e, 1) for e in experts]
 
-    def access(self, column, experts, t):
+    def access(self, column, experts, t, sizes=None):
         """Add the step's tokens to the window, then serve the access."""
         self._col = column
         w = self.window
@@ -98,7 +98,7 @@ class MoeInfinity(CachePolicy):
         base = column * self.E
         for e, n in zip(experts, self._tokens(column, experts, t)):
             w.add(t, base + e, n)
-        return super().access(column, experts, t)
+        return super().access(column, experts, t, sizes)
 
     def priority(self, key: int) -> float:
         """Keep-priority of ``key`` now (higher = keep)."""

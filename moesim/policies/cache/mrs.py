@@ -61,7 +61,7 @@ class HybriMoeMrs(CachePolicy):
             acc += w
         return kept
 
-    def access(self, column, experts, t):
+    def access(self, column, experts, t, sizes=None):
         """Update the layer's scores with this step's router scores, then serve the access."""
         a = self.config.alpha
         b = 1.0 - a
@@ -71,7 +71,7 @@ class HybriMoeMrs(CachePolicy):
         for e in range(self.E):
             k = base + e
             sc[k] = a * new.get(e, 0.0) + b * sc.get(k, 0.0)
-        return super().access(column, experts, t)
+        return super().access(column, experts, t, sizes)
 
     def _on_hit(self, pool: Pool, key: int, t: int) -> None:
         order = pool.order

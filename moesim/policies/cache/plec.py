@@ -45,7 +45,7 @@ class ExpertFlowPlec(CachePolicy):
         self._now = 0
         super().__init__(config, setup)
 
-    def access(self, column, experts, t):
+    def access(self, column, experts, t, sizes=None):
         """Add the step's activations to the locality window, then serve the access."""
         self._now = t
         w = self.window
@@ -55,7 +55,7 @@ class ExpertFlowPlec(CachePolicy):
         counts = dict(zip(*s.future_row(t // s.num_columns, column))) if s.plan is not None else {}
         for e in experts:
             w.add(t, base + e, counts.get(e, 1))
-        return super().access(column, experts, t)
+        return super().access(column, experts, t, sizes)
 
     def predicted(self, key: int) -> bool:
         """Whether the path oracle says ``key`` is needed before the prediction horizon."""
