@@ -153,6 +153,10 @@ class SingleGpuEngine:
         wait_router = rt.wait_for_router
         f_mem = hw.gpu.copy_interference.memory_bound_slowdown
         f_cmp = hw.gpu.copy_interference.compute_bound_slowdown
+        # CPU experts read DRAM, which the copy engine's DMA reads pinned memory from at the link
+        # rate: while a host-to-device copy runs the CPU keeps only what is left of the bandwidth
+        dram, pcie = hw.cpu.dram_bandwidth_gb_s, hw.link.h2d_bandwidth_gb_s
+        f_dram = dram / max(dram - pcie, 0.1 * dram) if hw.link.kind == "pcie" else 1.0
         dk = rt.dense_kernels_per_layer
         ek = rt.kernels_per_expert
         texp, tmb = st.expert, st.expert_membound
@@ -165,7 +169,8 @@ class SingleGpuEngine:
         lam_grp = lam if fused else lam_g  # one fused kernel, or one graph, per group
         n_exp, lam_exp = (ek, lam) if eager else (1, lam_g)
         last_end: dict = {}
-        copies = deque()  # (start, end) of copies that may still overlap future kernels
+        copies = deque()  # (start, end) of copies that may still overlap future GPU kernels
+        copies_cpu = deque()  # the same, for CPU experts (their DRAM bandwidth is shared)
         warm = self.warmup_steps
 
         # measured counters
@@ -183,8 +188,10 @@ class SingleGpuEngine:
         parts = np.zeros((S, len(CP_KEYS)))
         events = 0
 
-        def stretch(start, dur, factor):
-            # kernel starting at `start` with nominal `dur` runs at 1/factor speed while a copy runs
+        def stretch(start, dur, factor, copies=copies):
+            # an op starting at `start` with nominal `dur` runs at 1/factor speed while a host-to-
+            # device copy runs. Ops of one in-order resource start in order, so each resource keeps
+            # its own queue of copies and drops those that ended before its current op.
             if factor == 1.0 or not copies:
                 return dur
             while copies and copies[0][1] <= start:
@@ -194,6 +201,8 @@ class SingleGpuEngine:
             for cs, ce in copies:
                 if left <= 0.0:
                     break
+                if ce <= t:
+                    continue
                 if cs > t:
                     free = cs - t
                     if free >= left:
@@ -263,6 +272,8 @@ class SingleGpuEngine:
             cp = ce
             ready[key] = ce
             copies.append((cs, ce))
+            if uses_cpu:
+                copies_cpu.append((cs, ce))
             if rec:
                 tl.append((gpu_h2d, kind, cs, ce, s, layer, e, nbytes))
             if measured:
@@ -537,7 +548,7 @@ class SingleGpuEngine:
                     cs0 = cs = cpu_free if cpu_free > de else de
                     for e in experts:
                         if e in cpu_set:
-                            dur = tcpu[cnt[e]]
+                            dur = stretch(cs, tcpu[cnt[e]], f_dram, copies_cpu)
                             if rec:
                                 tl.append((cpu_r, "cpu_expert", cs, cs + dur, s, layer, e, 0))
                             cs += dur
@@ -550,6 +561,7 @@ class SingleGpuEngine:
                     re_ = rs + act_h2d[ntok]
                     cp = re_
                     copies.append((rs, re_))
+                    copies_cpu.append((rs, re_))
                     pend_rd = re_
                     if rec:
                         tl.append((gpu_d2h, "act_d2h", ds, de, s, layer, -1, ntok * act_b))

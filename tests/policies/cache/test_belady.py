@@ -157,11 +157,14 @@ def test_belady_never_beaten_by_an_online_policy(w):
     steps, C, E, k, cap, scope, weights = w
     setup = make_setup(steps, C, E, weights=weights, top_k=k)
     best = run_counts(_policy("belady", cap, scope, setup), steps)[0]
+    # Fate splits the budget into its own per-layer quotas whatever the scope: any such split is
+    # one way to use a global cache of the same total, so global Belady bounds it
+    best_global = run_counts(_policy("belady", cap, "global", make_setup(steps, C, E, top_k=k)), steps)[0]
     for kind in ONLINE:
-        if kind == "fate" and scope == "global":
-            continue  # Fate always splits the budget per layer: compare it under per_layer only
+        if kind == "fate" and cap < k * C:
+            continue  # Fate needs top_k slots in every layer (an input error otherwise)
         h = run_counts(_policy(kind, cap, scope, make_setup(steps, C, E, weights=weights, top_k=k)), steps)[0]
-        assert h <= best, (kind, h, best)
+        assert h <= (best_global if kind == "fate" else best), (kind, h, best)
 
 
 def test_belady_evicts_the_farthest_next_use():

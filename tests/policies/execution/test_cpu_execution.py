@@ -54,3 +54,32 @@ def test_ktransformers_runs_every_routed_expert_on_the_cpu():
     assert c["hits"] == 0 and c["cpu_executed"] == c["accesses"] > 0
     assert s["transfers"]["copies"] == 0
     assert s["utilization"]["cpu0"] > 0.9  # decode is bound by the CPU's expert math
+
+
+def test_cpu_experts_share_dram_bandwidth_with_copies():
+    out = simulate(load_scenario(SC / "mixtral-8x7b-h100-hybrimoe-c96.yaml", ["workload.max_tokens=40", "workload.warmup_tokens=0"]),
+                   record_timeline=True)
+    hw = out.prepared.scenario.hardware
+    factor = hw.cpu.dram_bandwidth_gb_s / (hw.cpu.dram_bandwidth_gb_s - hw.link.h2d_bandwidth_gb_s)
+    tcpu = out.prepared.engine.stage.cpu_expert
+    counts = {}
+    for s_ in range(out.prepared.plan.steps):
+        for c, src in enumerate(out.prepared.col_src):
+            ex, n = out.prepared.plan.row(s_, src)
+            counts.update({(s_, out.prepared.model_layers[c], e): k for e, k in zip(ex, n)})
+    copies = [(r[2], r[3]) for r in out.result.timeline if r[0] == "gpu0.h2d"]
+    under = free = 0
+    for r in out.result.timeline:
+        if r[0] != "cpu0":
+            continue
+        nominal = tcpu[counts[(r[4], r[5], r[6])]]
+        dur = r[3] - r[2]
+        cover = sum(max(0.0, min(r[3], ce) - max(r[2], cs)) for cs, ce in copies)
+        if cover == 0.0:
+            assert dur == pytest.approx(nominal, rel=1e-9)
+            free += 1
+        else:
+            # work done at full speed outside copies, at 1/factor under them
+            assert (dur - cover) + cover / factor == pytest.approx(nominal, rel=1e-9)
+            under += 1
+    assert under > 0 and free > 0
