@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from moesim.config.base import StrictModel
 
 GIB = 2**30
-DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
+DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k")
 
 
 class PeakFlops(StrictModel):
@@ -27,7 +27,10 @@ class PeakFlops(StrictModel):
     int8: float | None = Field(default=None, gt=0)
 
     def for_dtype(self, dtype: str) -> float:
-        """Peak TFLOP/s for ``dtype``; formats without native support fall back to bf16 math."""
+        """Peak TFLOP/s for ``dtype``; formats without native support fall back to bf16 math (the
+        GGUF block formats are dequantised to 16-bit and multiplied there)."""
+        if dtype.startswith("q"):
+            return self.bf16
         if dtype in ("int4", "int8"):
             return self.int8 or self.bf16
         if dtype == "fp8":

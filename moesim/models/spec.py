@@ -21,8 +21,28 @@ from pydantic import ConfigDict, Field, model_validator
 
 from moesim.config.base import StrictModel
 
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-Dtype = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+# Bytes per parameter, block scales included. The GGUF block formats' bits per weight are those of
+# llama.cpp's ggml quantisation (Q8_0 and Q4_0: 32 weights + one fp16 scale; the k-quants: 256-weight
+# super-blocks with 6- or 8-bit sub-block scales): Q8_0 8.5, Q6_K 6.5625, Q5_K 5.5, Q4_K 4.5, Q4_0 4.5,
+# Q3_K 3.4375, Q2_K 2.5625 bits per weight. Plain int8/int4/fp8 carry no scales here.
+BYTES_PER_PARAM = {
+    "fp32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "int4": 0.5,
+    "q8_0": 8.5 / 8,
+    "q6_k": 6.5625 / 8,
+    "q5_k": 5.5 / 8,
+    "q4_k": 4.5 / 8,
+    "q4_0": 4.5 / 8,
+    "q3_k": 3.4375 / 8,
+    "q2_k": 2.5625 / 8,
+}
+Dtype = Literal[
+    "fp32", "bf16", "fp16", "fp8", "int8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k"
+]
 
 
 class AttentionSpec(StrictModel):

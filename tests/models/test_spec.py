@@ -125,3 +125,14 @@ def test_switch_counts_follow_the_interleaving(n):
     dense_ffn, moe_ffn = 2 * d * f, e * 2 * d * f + d * e  # ReLU FFN; MoE adds the router
     expect = m.embedding_params + n * block_attn + (n - moe) * dense_ffn + moe * moe_ffn
     assert m.total_params == expect
+
+
+def test_gguf_block_formats_carry_their_scales():
+    from moesim.models.presets import load_model_preset
+    from moesim.models.spec import ModelSpec
+
+    base = load_model_preset("mixtral-8x7b")
+    params = 3 * 4096 * 14336
+    for fmt, bpw in {"q8_0": 8.5, "q4_k": 4.5, "q2_k": 2.5625, "int4": 4.0}.items():
+        m = ModelSpec.model_validate({**base, "expert_dtype": fmt})
+        assert m.expert_bytes == round(params * bpw / 8)
