@@ -63,6 +63,11 @@ class RuntimeConfig(StrictModel):
         "loaded experts",
     )
     host_memory: Literal["pinned", "pageable"] = "pinned"
+    dense_weights: Literal["resident", "streamed"] = Field(
+        default="resident",
+        description="streamed: every stage's non-expert weights are copied from host memory before "
+        "it runs, into a GPU double buffer, one stage ahead (ZeRO-Inference style)",
+    )
     dense_kernels_per_layer: int = Field(
         default=12, ge=1, description="kernels of one block's non-expert part (eager launches)"
     )

@@ -77,6 +77,15 @@ def memory_check(scenario, cache, source: str) -> dict:
     g = hw.gpu
     usable = (g.hbm_gib - g.reserved_gib) * GIB
     dense = m.dense_bytes
+    if scenario.runtime.dense_weights == "streamed":
+        # resident: the embedding and LM head and the trailing blocks; streamed: a double buffer of
+        # the largest stage (the non-expert blocks up to and including one MoE block)
+        stage_max, prev = 0, -1
+        for l in m.moe_layers:
+            stage_max = max(stage_max, sum(m.block_dense_params(b) for b in range(prev + 1, l + 1)))
+            prev = l
+        tail = sum(m.block_dense_params(b) for b in range(prev + 1, m.num_layers))
+        dense = int((m.embedding_params * m.embedding_bytes_per_param) + (tail + 2 * stage_max) * m.bytes_per_param)
     kv = wl.batch_size * (wl.context_tokens + wl.max_tokens // wl.batch_size) * m.kv_bytes_per_token
     cache_b = cache.resident_slots_bytes()
     tbuf = cache.transient_buffer_count() * cache.expert_bytes
@@ -173,8 +182,9 @@ def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int, 
         blocks_before.append(list(range(prev + 1, l + 1)))
         prev = l
     tail = list(range(prev + 1, m.num_layers))
-    dense_base, dense_blocks, dense_mb = [], [], []
+    dense_base, dense_blocks, dense_mb, dense_bytes = [], [], [], []
     for blocks in blocks_before:
+        dense_bytes.append(int(sum(m.block_dense_params(b) for b in blocks) * m.bytes_per_param))
         t = 0.0
         mb_t = 0.0
         for b in blocks:
@@ -207,6 +217,8 @@ def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int, 
         cpu_expert=predictor.cpu_expert_times(np.arange(B + 1)).tolist(),
         act_d2h=[link.duration_s(int(n * act_bytes), "d2h", pinned=True) if n else 0.0 for n in range(B + 1)],
         act_h2d=[link.duration_s(int(n * act_bytes), "h2d", pinned=True) if n else 0.0 for n in range(B + 1)],
+        dense_bytes=dense_bytes,
+        dense_copy=[link.duration_s(b, "h2d", pinned=rt.host_memory == "pinned") for b in dense_bytes],
     )
 
 

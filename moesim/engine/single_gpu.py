@@ -62,6 +62,8 @@ class StageTimes:
     cpu_expert: list = field(default_factory=list)  # CPU time of one expert, index = token count
     act_d2h: list = field(default_factory=list)  # activation copy to the host, index = tokens
     act_h2d: list = field(default_factory=list)  # results back to the GPU, index = tokens
+    dense_bytes: list = field(default_factory=list)  # per MoE column: dense weights of its stage
+    dense_copy: list = field(default_factory=list)  # per MoE column: their copy time (streamed)
 
 
 @dataclass
@@ -176,6 +178,7 @@ class SingleGpuEngine:
         # measured counters
         n_acc = n_hit = n_miss = n_evict = n_copies = n_stream = 0
         bytes_h2d = 0
+        n_dense = bytes_dense = 0
         busy_gpu = busy_cp = busy_host = 0.0
         col_hits = [0] * C
         col_miss = [0] * C
@@ -222,6 +225,9 @@ class SingleGpuEngine:
         gpu = 0.0
         cp = 0.0
         ready: dict = {}  # key -> time its copy lands (demand, streamed or prefetched)
+        stream_dense = rt.dense_weights == "streamed"
+        dense_ready = [-1.0] * C  # when each stage's streamed dense weights land (-1: not issued)
+        dense_buf = [0.0, 0.0]  # double buffer for streamed dense weights: free from
         low_now: set = set()  # experts of the current layer at low precision
         key_bytes = cache.key_bytes
         prec = None
@@ -257,7 +263,7 @@ class SingleGpuEngine:
 
         def issue_copy(key, e, slot, kind, s, layer, measured, dur=None, nbytes=None):
             # host issues one expert copy; it starts when the engine, the host and its slot are free
-            nonlocal host, cp, busy_cp, busy_host, n_copies, bytes_h2d
+            nonlocal host, cp, busy_cp, busy_host, n_copies, bytes_h2d, n_dense, bytes_dense
             host += iota
             cs = cp
             if host > cs:
@@ -279,8 +285,12 @@ class SingleGpuEngine:
             if measured:
                 busy_cp += dur
                 busy_host += iota + (ce - cs if pageable else 0.0)
-                n_copies += 1
-                bytes_h2d += nbytes
+                if key < 0:  # streamed dense weights
+                    n_dense += 1
+                    bytes_dense += nbytes
+                else:
+                    n_copies += 1
+                    bytes_h2d += nbytes
 
         def issue_stream(key, e, s, layer, measured):
             # a streamed expert takes the next transient buffer of the ring
@@ -292,6 +302,12 @@ class SingleGpuEngine:
                 issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured, low_copy_s, low_b)
             else:
                 issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured)
+
+        def issue_dense(c2, s, measured):
+            # dense weights of stage c2 into the double buffer the stage before last used
+            issue_copy(-1 - c2, -1, dense_buf[c2 & 1], "copy_dense", s, mlayers[c2], measured,
+                       st.dense_copy[c2], st.dense_bytes[c2])
+            dense_ready[c2] = ready.pop(-1 - c2)
 
         def dropped(keys):
             # evicted keys: a prefetched expert evicted before any use is wasted
@@ -398,9 +414,18 @@ class SingleGpuEngine:
                     n, lm = st.dense_blocks[c] * dk, lam
                 else:
                     n, lm = st.dense_blocks[c], lam_g
-                d_end = gpu_op("dense", G, n, lm, pend_rd, f_mem if st.dense_membound[c] else f_cmp, s, layer,
-                               -1, measured, True)
+                rd, rd_cpu = pend_rd, True
+                if stream_dense:
+                    if dense_ready[c] < 0.0:  # the run's first stage: nothing prefetched it
+                        issue_dense(c, s, measured)
+                    if dense_ready[c] > rd:
+                        rd, rd_cpu = dense_ready[c], False
+                d_end = gpu_op("dense", G, n, lm, rd, f_mem if st.dense_membound[c] else f_cmp, s, layer,
+                               -1, measured, rd_cpu)
                 pend_rd = 0.0
+                if stream_dense:
+                    dense_buf[c & 1] = d_end  # its buffer is free once the stage has run
+                    dense_ready[c] = -1.0
                 # ---- router read-back --------------------------------------------------------------
                 if wait_router:
                     t_ready = gpu if gpu > host else host
@@ -485,6 +510,11 @@ class SingleGpuEngine:
                     issue_stream(base + streamed[i], streamed[i], s, layer, measured)
                 if prefetcher is not None:
                     prefetch(s, c, experts, t_access - 1, measured)
+                if stream_dense:  # the next stage's dense weights, behind this layer's expert loads
+                    if c + 1 < C:
+                        issue_dense(c + 1, s, measured)
+                    elif s + 1 < S:
+                        issue_dense(0, s + 1, s + 1 >= warm)  # counted with the step it serves
                 # ---- expert kernels -----------------------------------------------------------------------
                 loaded = [e for e, _ in res.loads]
                 if group_launch:
@@ -654,7 +684,9 @@ class SingleGpuEngine:
                 "prefetch_predicted_right": pf_pred_right,
                 "prefetch_truth": pf_true,
                 "copies": n_copies,
-                "bytes_h2d": bytes_h2d + bytes_act_h2d,
+                "bytes_h2d": bytes_h2d + bytes_act_h2d + bytes_dense,
+                "bytes_h2d_dense": bytes_dense,
+                "dense_copies": n_dense,
                 "bytes_h2d_experts": bytes_h2d,
                 "bytes_d2h": bytes_d2h,
                 "cpu_experts": n_cpu,

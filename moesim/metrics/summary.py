@@ -103,6 +103,8 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
         "transfers": {
             "bytes_h2d": int(c["bytes_h2d"]),
             "bytes_h2d_experts": int(c["bytes_h2d_experts"]),
+            "bytes_h2d_dense": int(c["bytes_h2d_dense"]),
+            "dense_copies": int(c["dense_copies"]),
             "bytes_d2h": int(c["bytes_d2h"]),
             "bytes_ssd": 0,
             "bytes_network": 0,
