@@ -234,11 +234,8 @@ class SingleGpuEngine:
         low_b, low_copy_s, texp_low, mean_weight = xb, copy_s, texp, None
         if self.precision is not None:
             prec, low_b, low_copy_s, texp_low, mean_weight = self.precision
-        q_total, q_low, q_skip = [0.0], [0.0], [0.0]
+        q_total = q_low = q_skip = 0.0  # gate mass: all, served at low precision, skipped
         n_skip = n_low_loads = 0
-
-        def cnt_of(e, experts, counts):
-            return counts[experts.index(e)]
         ex_pol = self.execution
         uses_cpu = ex_pol is not None and ex_pol.uses_cpu
         cpu_blocks = uses_cpu and ex_pol.cpu_blocks_host
@@ -257,7 +254,7 @@ class SingleGpuEngine:
         prefetcher = self.prefetcher
         pf_unused: dict = {}  # prefetched keys not used yet -> issued in a measured step?
         pf_issued = pf_used = pf_wasted = pf_pred = pf_pred_right = pf_true = 0
-        pf_evict_box = [0]
+        pf_evicted = 0
         stream_slot: dict = {}
         tbi = 0
 
@@ -304,8 +301,8 @@ class SingleGpuEngine:
                 issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured)
 
         def issue_dense(c2, s, measured):
-            # dense weights of stage c2 into the double buffer the stage before last used
-            issue_copy(-1 - c2, -1, dense_buf[c2 & 1], "copy_dense", s, mlayers[c2], measured,
+            # dense weights of stage c2 of step s into the double buffer the stage before last used
+            issue_copy(-1 - c2, -1, dense_buf[(s * C + c2) & 1], "copy_dense", s, mlayers[c2], measured,
                        st.dense_copy[c2], st.dense_bytes[c2])
             dense_ready[c2] = ready.pop(-1 - c2)
 
@@ -320,7 +317,7 @@ class SingleGpuEngine:
 
         def prefetch(s, c, experts, t, measured):
             # after layer c's router: load what the prefetcher predicts, behind the demand loads
-            nonlocal pf_issued, pf_pred, pf_pred_right, pf_true
+            nonlocal pf_issued, pf_pred, pf_pred_right, pf_true, pf_evicted
             want = prefetcher.plan(s, c, experts)
             if not want:
                 return
@@ -333,7 +330,7 @@ class SingleGpuEngine:
                 if evicted:
                     dropped(evicted)
                     if measured:
-                        pf_evict_box[0] += len(evicted)
+                        pf_evicted += len(evicted)
                 if ok:
                     key = c2 * E + e
                     slot = 0.0
@@ -424,7 +421,7 @@ class SingleGpuEngine:
                                -1, measured, rd_cpu)
                 pend_rd = 0.0
                 if stream_dense:
-                    dense_buf[c & 1] = d_end  # its buffer is free once the stage has run
+                    dense_buf[(s * C + c) & 1] = d_end  # its buffer is free once the stage has run
                     dense_ready[c] = -1.0
                 # ---- router read-back --------------------------------------------------------------
                 if wait_router:
@@ -438,6 +435,7 @@ class SingleGpuEngine:
                     events += 1
                 # ---- cache decision ---------------------------------------------------------------
                 experts, counts = plan.row(s, col_src[c])
+                cnt = dict(zip(experts, counts))
                 base = c * E
                 cpu_set = None
                 if uses_cpu:
@@ -466,12 +464,12 @@ class SingleGpuEngine:
                     res = cache.access(c, run_gpu, t_access, sizes or None)
                     if measured:
                         for e in experts:
-                            m_ = w_of[e] * cnt_of(e, experts, counts)
-                            q_total[0] += m_
+                            m_ = w_of[e] * cnt[e]
+                            q_total += m_
                             if e in skip:
-                                q_skip[0] += m_
+                                q_skip += m_
                             elif e in low_now:
-                                q_low[0] += m_
+                                q_low += m_
                         n_skip += len(skip)
                         n_acc += len(skip)
                         n_miss += len(skip)
@@ -482,7 +480,6 @@ class SingleGpuEngine:
                 else:
                     res = cache.access(c, experts, t_access)
                 t_access += 1
-                cnt = dict(zip(experts, counts))
                 if pf_unused:
                     for e in res.hits:
                         flag = pf_unused.pop(base + e, None)
@@ -676,7 +673,7 @@ class SingleGpuEngine:
                 "hits": n_hit,
                 "misses": n_miss,
                 "streamed": n_stream,
-                "evictions": n_evict + pf_evict_box[0],
+                "evictions": n_evict + pf_evicted,
                 "prefetch_issued": pf_issued,
                 "prefetch_used": pf_used,
                 "prefetch_wasted": pf_wasted + sum(1 for f in pf_unused.values() if f),
@@ -692,9 +689,9 @@ class SingleGpuEngine:
                 "cpu_experts": n_cpu,
                 "skipped": n_skip,
                 "low_precision_loads": n_low_loads,
-                "gate_mass_total": q_total[0],
-                "gate_mass_low": q_low[0],
-                "gate_mass_skipped": q_skip[0],
+                "gate_mass_total": q_total,
+                "gate_mass_low": q_low,
+                "gate_mass_skipped": q_skip,
             },
             per_column={
                 "hits": np.array(col_hits),

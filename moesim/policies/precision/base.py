@@ -18,6 +18,10 @@ class PrecisionPolicy(Policy):
     family = "precision"
     low_dtype: str | None = None  # the lower-precision format this policy may load
 
+    def __init__(self, config, setup=None):
+        super().__init__(config)
+        self.setup = setup
+
     def decide(self, column: int, expert: int, weight: float) -> str:
         """``"full"``, ``"low"`` or ``"skip"`` for a missing expert with mean gate ``weight``."""
         return "full"

@@ -35,7 +35,7 @@ class Hobbit(PrecisionPolicy):
             return self
 
     def __init__(self, config, setup=None):
-        super().__init__(config)
+        super().__init__(config, setup)
         self.low_dtype = config.low_dtype
 
     def decide(self, column, expert, weight):
