@@ -43,6 +43,22 @@ def human_summary(s: dict) -> str:
         f"throughput {s['throughput_tok_s']:.1f} tok/s",
         f"cache      {c['policy']}: {c['hits']} hits / {c['misses']} misses ({hr}), {c['evictions']} evictions",
         f"transfers  {t['bytes_h2d'] / 1e9:.3f} GB host->GPU in {t['copies']} copies",
+    ]
+    if c.get("prefetch_issued"):
+        prec = c.get("prefetch_precision")
+        lines.append(
+            f"prefetch   {c['prefetch_policy']}: {c['prefetch_issued']} issued, {c['prefetch_used']} used, "
+            f"{c['prefetch_wasted']} wasted" + ("" if prec is None else f", precision {100 * prec:.0f}%")
+        )
+    if c.get("cpu_executed"):
+        lines.append(f"cpu        {c['cpu_executed']} expert runs on the CPU, {t['bytes_d2h'] / 1e6:.1f} MB activations down")
+    p = s.get("precision", {})
+    if p.get("low_precision_loads") or p.get("skipped"):
+        lines.append(
+            f"precision  {p['low_precision_loads']} low-precision loads, {p['skipped']} skipped; gate mass at low "
+            f"precision {100 * (p['gate_mass_low_fraction'] or 0):.1f}%, skipped {100 * (p['gate_mass_skipped_fraction'] or 0):.1f}%"
+        )
+    lines += [
         f"time went  {parts}",
         f"wall       {s['wall_time_s']:.2f} s ({s['layer_steps'] / max(s['wall_time_s'], 1e-9):,.0f} layer-steps/s)",
     ]
