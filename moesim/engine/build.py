@@ -54,9 +54,10 @@ def _norm_model_name(name: str) -> str:
     return name.lower().rsplit("/", 1)[-1].replace("_", "-")
 
 
-def map_columns(model, trace_layers: tuple) -> tuple[list, list]:
-    """Simulated MoE layers (all of the model's) and the trace column each replays: a covered layer
-    its own column, an uncovered one the column of the nearest covered layer (lower on ties)."""
+def map_columns(model, trace_layers: tuple) -> tuple[list, list, list]:
+    """Simulated MoE layers (all of the model's), the trace column each replays (a covered layer its
+    own column, an uncovered one the column of the nearest covered layer, lower on ties), and the
+    (uncovered layer, borrowed layer) pairs."""
     layers = list(model.moe_layers)
     col_of = {l: i for i, l in enumerate(trace_layers)}
     src = []
@@ -139,7 +140,7 @@ def memory_check(scenario, cache, source: str) -> dict:
     return mem
 
 
-def precision_setup(scenario, setup: CacheSetup, link: LinkModel, plan, trace):
+def precision_setup(scenario, setup: CacheSetup, link: LinkModel):
     """The engine's precision tuple (policy, low bytes, low copy time, low kernel times, mean-weight
     function), or None for full precision."""
     cfg = scenario.policies.precision
@@ -333,7 +334,7 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         prefetcher=prefetcher,
         execution=execution,
         act_bytes_per_token=activation_bytes_per_token(m),
-        precision=precision_setup(scenario, setup, link, plan, trace),
+        precision=precision_setup(scenario, setup, link),
     )
     note = routing_note(scenario, trace, trace_layers, borrowed, plan)
     return Prepared(
