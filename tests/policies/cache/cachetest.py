@@ -80,6 +80,17 @@ def least_recent(cands):
     return cands[0]
 
 
+def lowest(key):
+    """A reference victim rule: the candidate with the lowest ``key``, the least recent on ties."""
+
+    def pick(cands):
+        """The first of ``cands`` whose ``key`` is the lowest."""
+        low = min(key(v) for v in cands)
+        return next(v for v in cands if key(v) == low)
+
+    return pick
+
+
 def ref_access(rec, keys, cap, counts, victim=least_recent, refresh=True):
     """One column's access in a plain-list reference policy, adding to ``counts`` in place.
 

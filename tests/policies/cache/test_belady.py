@@ -12,7 +12,7 @@ from moesim.errors import InputError
 from moesim.policies.base import registry
 from moesim.policies.cache.base import CacheSetup
 from moesim.policies.cache.belady import Belady
-from tests.policies.cache.cachetest import make_setup, ref_access, ref_pools, run_counts, workloads
+from tests.policies.cache.cachetest import lowest, make_setup, ref_access, ref_pools, run_counts, workloads
 
 
 def reference_belady(steps, C, capacity, scope):
@@ -29,11 +29,7 @@ def reference_belady(steps, C, capacity, scope):
 
     counts = [0, 0, 0, 0]  # hits, misses, evictions, streamed
     for t, (c, needed) in enumerate(seq):
-
-        def farthest(cands):
-            far = max(next_use(v, t) for v in cands)
-            return next(v for v in cands if next_use(v, t) == far)  # least recent on ties
-
+        farthest = lowest(lambda v: -next_use(v, t))  # the farthest next use; least recent on ties
         ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, farthest)
     return tuple(counts)
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.policies.cache.plec import ExpertFlowPlec
-from tests.policies.cache.cachetest import make_setup, ref_access, ref_pools, run_counts, workloads
+from tests.policies.cache.cachetest import lowest, make_setup, ref_access, ref_pools, run_counts, workloads
 
 
 def reference_plec(steps, C, capacity, scope, lookahead, window, use_oracle):
@@ -24,11 +24,7 @@ def reference_plec(steps, C, capacity, scope, lookahead, window, use_oracle):
             pred = use_oracle and any(cc == col and e in x for cc, x in seq[t:horizon])
             return (pred, sum(1 for cc, x in recent if cc == col and e in x))
 
-        def lowest(cands):
-            low = min(order(v) for v in cands)
-            return next(v for v in cands if order(v) == low)
-
-        ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, lowest)
+        ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, lowest(order))
     return tuple(counts)
 
 

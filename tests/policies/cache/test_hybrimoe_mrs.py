@@ -7,18 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.policies.cache.mrs import HybriMoeMrs
-from tests.policies.cache.cachetest import make_setup, ref_access, ref_pools, run_counts, workloads
+from tests.policies.cache.cachetest import lowest, make_setup, ref_access, ref_pools, run_counts, workloads
 
 
 def reference_mrs(steps, C, E, weights, capacity, scope, alpha, top_p):
     """Plain MRS: S <- a*s + (1-a)*S for every expert of the layer, s from the weight array."""
     pools, pool_of, cap = ref_pools(C, capacity, scope)
     S = {}
-
-    def lowest(cands):
-        low = min(S[v] for v in cands)
-        return next(v for v in cands if S[v] == low)
-
     counts = [0, 0, 0, 0]  # hits, misses, evictions, streamed
     for t_step, step in enumerate(steps):
         for c, needed in enumerate(step):
@@ -34,7 +29,7 @@ def reference_mrs(steps, C, E, weights, capacity, scope, alpha, top_p):
                 s = kept
             for e in range(E):
                 S[(c, e)] = alpha * s.get(e, 0.0) + (1 - alpha) * S.get((c, e), 0.0)
-            ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, lowest)
+            ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, lowest(S.__getitem__))
     return tuple(counts)
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.policies.cache.moe_infinity import MoeInfinity
-from tests.policies.cache.cachetest import make_setup, ref_access, ref_pools, run_counts, workloads
+from tests.policies.cache.cachetest import lowest, make_setup, ref_access, ref_pools, run_counts, workloads
 
 
 def reference_moe_infinity(steps, C, E, capacity, scope, window, layer_aware):
@@ -29,11 +29,7 @@ def reference_moe_infinity(steps, C, E, capacity, scope, window, layer_aware):
                 r *= 1.0 - (d - 1) / C
             return r
 
-        def lowest(cands):
-            low = min(prio(v) for v in cands)
-            return next(v for v in cands if prio(v) == low)
-
-        ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, lowest)
+        ref_access(pools[pool_of(c)], [(c, e) for e in needed], cap, counts, lowest(prio))
     return tuple(counts)
 
 
