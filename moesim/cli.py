@@ -301,6 +301,27 @@ def trace_cache_curve(
         typer.echo(f"wrote {html}")
 
 
+@app.command()
+def dashboard(
+    port: int = typer.Option(8501, "--port", help="port to listen on"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (default: localhost only)"),
+):
+    """Start the Streamlit dashboard (what-if, timeline, curves, compare, traces, calibration)."""
+    import subprocess
+    from importlib.util import find_spec
+
+    spec = find_spec("dashboard.app")
+    if spec is None or spec.origin is None:
+        raise InputError("the dashboard package is not installed", source="moesim dashboard")
+    cmd = [sys.executable, "-m", "streamlit", "run", spec.origin, "--server.address", host,
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    typer.echo(f"moesim dashboard on http://{host}:{port}/ (Ctrl-C to stop)")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _jsonable(o):
     import numpy as np
 

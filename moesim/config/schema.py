@@ -63,6 +63,11 @@ class RuntimeConfig(StrictModel):
         "loaded experts",
     )
     host_memory: Literal["pinned", "pageable"] = "pinned"
+    expert_store: Literal["auto", "dram", "ssd"] = Field(
+        default="auto",
+        description="where the experts' home copy lives: auto = host DRAM when they fit, else the "
+        "hardware's storage (each load is then a flash read followed by the link copy)",
+    )
     dense_weights: Literal["resident", "streamed"] = Field(
         default="resident",
         description="streamed: every stage's non-expert weights are copied from host memory before "

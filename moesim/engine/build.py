@@ -92,10 +92,29 @@ def memory_check(scenario, cache, source: str) -> dict:
     tbuf = cache.transient_buffer_count() * cache.expert_bytes
     need = dense + kv + cache_b + tbuf
     kind = scenario.policies.cache.kind
-    if kind == "all_resident":  # only experts kept off the GPU need a host copy
+    if kind == "all_resident":  # only experts kept off the GPU need a home copy
         host_store = m.total_expert_bytes - cache.slots_total() * m.expert_bytes
     else:
         host_store = m.total_expert_bytes
+    store = scenario.runtime.expert_store
+    host_cap = hw.host_memory.capacity_gib * GIB
+    if store == "auto":
+        fits = (host_store + (need if g.unified_memory else 0)) <= host_cap
+        store = "dram" if fits or hw.storage is None or host_store == 0 else "ssd"
+    if store == "ssd":
+        if hw.storage is None:
+            raise InputError(
+                "ssd needs hardware.storage (read_gb_s, latency_us, capacity_gib)",
+                source=source,
+                field="runtime.expert_store",
+            )
+        if host_store > hw.storage.capacity_gib * GIB:
+            raise InputError(
+                f"experts need {host_store / GIB:.2f} GiB, more than the {hw.storage.capacity_gib:g} GiB storage",
+                source=source,
+                field="hardware.storage.capacity_gib",
+            )
+        ssd_bytes, host_store = host_store, 0
     mem = {
         "gpu_usable_bytes": int(usable),
         "dense_bytes": int(dense),
@@ -104,6 +123,8 @@ def memory_check(scenario, cache, source: str) -> dict:
         "transient_buffer_bytes": int(tbuf),
         "gpu_used_bytes": int(need),
         "host_expert_bytes": int(host_store),
+        "expert_store": store,
+        "ssd_expert_bytes": int(ssd_bytes) if store == "ssd" else 0,
     }
     if g.unified_memory:
         # one DRAM: the GPU's share and the host's expert store come out of the same capacity
@@ -133,7 +154,7 @@ def memory_check(scenario, cache, source: str) -> dict:
     if not g.unified_memory and host_store > hw.host_memory.capacity_gib * GIB:
         raise InputError(
             f"experts need {host_store / GIB:.2f} GiB of host memory, more than its "
-            f"{hw.host_memory.capacity_gib:g} GiB",
+            f"{hw.host_memory.capacity_gib:g} GiB (add hardware.storage to keep them on flash)",
             source=source,
             field="hardware.host_memory.capacity_gib",
         )
@@ -289,6 +310,13 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     if cache.transient_buffer_count() == 0 and cache.slots_total() < len(model_layers) * m.num_experts:
         raise InputError("needs at least one transient buffer", source=source, field="policies.cache")
     memory = memory_check(scenario, cache, source)
+    if memory["expert_store"] == "ssd" and scenario.policies.execution.kind != "gpu_only":
+        raise InputError(
+            "CPU execution of experts that live on flash is not modelled; use gpu_only or keep the "
+            "experts in DRAM (runtime.expert_store: dram)",
+            source=source,
+            field="policies.execution.kind",
+        )
     prefetcher = None
     pf_cfg = scenario.policies.prefetch
     if pf_cfg.kind != "none":
@@ -334,6 +362,7 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         prefetcher=prefetcher,
         execution=execution,
         act_bytes_per_token=activation_bytes_per_token(m),
+        storage=hw.storage if memory["expert_store"] == "ssd" else None,
         precision=precision_setup(scenario, setup, link),
     )
     note = routing_note(scenario, trace, trace_layers, borrowed, plan)

@@ -100,6 +100,7 @@ class SingleGpuEngine:
         copy_s: float,
         warmup_steps: int,
         act_bytes_per_token: int = 0,
+        storage=None,
         record_timeline: bool = True,
         progress=None,
         prefetcher=None,
@@ -117,6 +118,7 @@ class SingleGpuEngine:
         self.copy_s = copy_s
         self.warmup_steps = warmup_steps
         self.act_bytes_per_token = act_bytes_per_token
+        self.storage = storage  # a StorageSpec when the experts' home copy is on flash
         self.record = record_timeline
         self.progress = progress
         self.prefetcher = prefetcher
@@ -225,6 +227,14 @@ class SingleGpuEngine:
         gpu = 0.0
         cp = 0.0
         ready: dict = {}  # key -> time its copy lands (demand, streamed or prefetched)
+        sto = self.storage
+        on_ssd = sto is not None
+        ssd_r = "ssd0" if sto is None else sto.name
+        ssd_lat = 0.0 if sto is None else sto.latency_us * 1e-6
+        ssd_inv = 0.0 if sto is None else 1.0 / (sto.read_gb_s * 1e9)
+        gds = on_ssd and sto.gpudirect
+        ssd_free = busy_ssd = 0.0
+        bytes_ssd = 0
         stream_dense = rt.dense_weights == "streamed"
         dense_ready = [-1.0] * C  # when each stage's streamed dense weights land (-1: not issued)
         dense_buf = [0.0, 0.0]  # double buffer for streamed dense weights: free from
@@ -261,6 +271,7 @@ class SingleGpuEngine:
         def issue_copy(key, e, slot, kind, s, layer, measured, dur=None, nbytes=None):
             # host issues one expert copy; it starts when the engine, the host and its slot are free
             nonlocal host, cp, busy_cp, busy_host, n_copies, bytes_h2d, n_dense, bytes_dense
+            nonlocal ssd_free, busy_ssd, bytes_ssd
             host += iota
             cs = cp
             if host > cs:
@@ -269,6 +280,25 @@ class SingleGpuEngine:
                 cs = slot
             if dur is None:
                 dur, nbytes = copy_s, xb
+            if on_ssd and key >= 0:
+                # the expert's home copy is on flash: a read first (into a DRAM bounce buffer,
+                # pipelined with earlier link copies), or one direct transfer with GPUDirect
+                rs = ssd_free if ssd_free > host else host
+                rdur = ssd_lat + nbytes * ssd_inv
+                if gds:
+                    if rs > cs:
+                        cs = rs
+                    dur = max(dur, rdur)
+                    rs = cs
+                re_ = rs + rdur
+                ssd_free = re_ if not gds else cs + dur
+                if re_ > cs:
+                    cs = re_
+                if rec:
+                    tl.append((ssd_r, "ssd_read", rs, rs + rdur, s, layer, e, nbytes))
+                if measured:
+                    busy_ssd += rdur
+                    bytes_ssd += nbytes
             ce = cs + dur
             if pageable:
                 host = ce  # a pageable copy blocks the host thread until it is done
@@ -667,6 +697,7 @@ class SingleGpuEngine:
                 host_r: busy_host,
                 "cpu0": busy_cpu,
                 link_r: busy_cp + busy_d2h,
+                **({ssd_r: busy_ssd} if on_ssd else {}),
             },
             counters={
                 "accesses": n_acc,
@@ -686,6 +717,7 @@ class SingleGpuEngine:
                 "dense_copies": n_dense,
                 "bytes_h2d_experts": bytes_h2d,
                 "bytes_d2h": bytes_d2h,
+                "bytes_ssd": bytes_ssd,
                 "cpu_experts": n_cpu,
                 "skipped": n_skip,
                 "low_precision_loads": n_low_loads,

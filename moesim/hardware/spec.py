@@ -138,6 +138,18 @@ class LinkSpec(StrictModel):
     )
 
 
+class StorageSpec(StrictModel):
+    """Flash storage (NVMe SSD, eMMC/UFS) holding experts that do not fit in host DRAM."""
+
+    name: str = "ssd0"
+    read_gb_s: float = Field(gt=0, description="sustained large-read bandwidth")
+    latency_us: float = Field(ge=0, description="fixed cost per read request")
+    capacity_gib: float = Field(gt=0)
+    gpudirect: bool = Field(
+        default=False, description="reads go straight to GPU memory (GPUDirect Storage), not via DRAM"
+    )
+
+
 class HardwareSpec(StrictModel):
     """A machine: one host with its CPU, DRAM and runtime costs, one GPU, one host link."""
 
@@ -148,6 +160,7 @@ class HardwareSpec(StrictModel):
     cpu: CpuSpec
     host_memory: HostMemorySpec
     link: LinkSpec
+    storage: StorageSpec | None = None
     expert_profile: str | None = Field(
         default=None, description="name of a measured expert-time table in moesim/perf/tables"
     )
@@ -156,6 +169,3 @@ class HardwareSpec(StrictModel):
     )
     sources: dict[str, str] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _check(self):
-        return self

@@ -106,7 +106,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "bytes_h2d_dense": int(c["bytes_h2d_dense"]),
             "dense_copies": int(c["dense_copies"]),
             "bytes_d2h": int(c["bytes_d2h"]),
-            "bytes_ssd": 0,
+            "bytes_ssd": int(c["bytes_ssd"]),
             "bytes_network": 0,
             "copies": int(c["copies"]),
             "expert_bytes": int(sc.model.expert_bytes),
