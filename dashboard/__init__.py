@@ -1,0 +1,1 @@
+"""moesim's Streamlit dashboard: ``moesim dashboard`` or ``streamlit run dashboard/app.py``."""
