@@ -51,7 +51,7 @@ def render() -> None:
     for j, metrics in enumerate(figs):
         fig = go.Figure()
         for mname in metrics:
-            fig.add_trace(go.Bar(name=mname, x=[lab.split(":")[0] for lab, _ in results],
+            fig.add_trace(go.Bar(name=mname, x=["#" + lab.split(":")[0] for lab, _ in results],
                                  y=[C.key_figures(o["summary"])[mname] for _, o in results]))
         fig.update_layout(title=" / ".join(metrics), height=300, margin=dict(l=10, r=10, t=40, b=10),
                           showlegend=len(metrics) > 1, xaxis_title="configuration")

@@ -1,7 +1,8 @@
 """The dashboard in a real browser: `streamlit run` headless on a free localhost port, driven with
 playwright on Debian's chromium (/usr/bin/chromium; playwright's own browser download is not used).
-Changes a control, checks results and no error box, saves a screenshot of every page into
-docs/screenshots/. Skips, with the reason shown, where chromium or playwright is missing."""
+Changes a control, checks results and no error box, saves a screenshot of every page (into a
+temporary folder; with MOESIM_UPDATE_SCREENSHOTS=1 into docs/screenshots/, the README's pictures).
+Skips, with the reason shown, where chromium or playwright is missing."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MOESIM_CHROMIUM", "/usr/bin/chromium")
-SHOTS = ROOT / "docs" / "screenshots"
+DOC_SHOTS = ROOT / "docs" / "screenshots"
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGES = [("Timeline", "timeline"), ("Curves", "curves"), ("Compare", "compare"),
          ("Trace explorer", "trace"), ("Calibration", "calibration")]
+CHARTS = {"timeline": 1, "curves": 3, "compare": 5, "trace": 3, "calibration": 0}  # plotly figures per page
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"browser test skipped: {CHROMIUM} not found (install Debian's chromium: apt-get install chromium)",
@@ -73,7 +75,8 @@ def _idle(page, timeout_s: float = 90) -> None:
     page.wait_for_timeout(500)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        running = page.locator('[data-testid="stStatusWidget"]').filter(has_text="Running").count()
+        status = page.locator('[data-testid="stStatusWidget"]')
+        running = status.filter(has_text="Running").count() + status.filter(has_text="Stop").count()
         if not running:
             break
         page.wait_for_timeout(250)
@@ -87,12 +90,13 @@ def _no_errors(page) -> None:
         '[data-testid="stAlertContentError"]').first.inner_text()
 
 
-def test_dashboard_in_chromium(server):
+def test_dashboard_in_chromium(server, tmp_path):
+    SHOTS = DOC_SHOTS if os.environ.get("MOESIM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.set_default_timeout(90_000)
             page.goto(server)
             page.wait_for_selector('[data-testid="stMetric"]')
@@ -113,8 +117,8 @@ def test_dashboard_in_chromium(server):
                 page.locator('[data-testid="stSidebar"]').get_by_text(label, exact=True).click()
                 page.wait_for_selector(f'h2:has-text("{label}")')
                 _idle(page)
-                if name != "calibration":
-                    page.wait_for_selector(".js-plotly-plot")
+                if CHARTS[name]:
+                    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {CHARTS[name]}")
                     _idle(page)
                 _no_errors(page)
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)

@@ -29,7 +29,6 @@ def make_setup(steps, C, E, weights=None, top_k=1):
 
 def run_counts(policy, steps):
     """(hits, misses, evictions, streamed) of ``policy`` over ``steps``, checking invariants."""
-    C = len(steps[0])
     E = policy.E
     hits = misses = evictions = streamed = 0
     t = 0
