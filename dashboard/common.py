@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,13 +24,17 @@ from moesim.errors import InputError
 
 def _find_root() -> Path:
     """The folder holding the bundled ``scenarios/`` and ``traces/``: ``$MOESIM_DASHBOARD_ROOT``,
-    else the checkout this package sits in, else the current directory."""
+    else the checkout this package sits in, else ``<prefix>/share/moesim`` of a regular install,
+    else the current directory."""
     env = os.environ.get("MOESIM_DASHBOARD_ROOT")
     if env:
         return Path(env).resolve()
     here = Path(__file__).resolve().parent.parent
     if (here / "scenarios").is_dir():
         return here
+    shared = Path(sys.prefix) / "share" / "moesim"
+    if (shared / "scenarios").is_dir():
+        return shared
     return Path.cwd().resolve()
 
 
