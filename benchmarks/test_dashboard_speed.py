@@ -34,6 +34,8 @@ def test_default_whatif_under_two_seconds(benchmark):
     s = out["summary"]
     assert s["warmup_steps"] == 32  # the scenario's warm-up, not counted below
     assert s["decode_steps"] == s["tokens"] == C.DEFAULT_MAX_TOKENS - 32
+    layers = len(s["per_layer"])
+    assert s["events_processed"] == C.DEFAULT_MAX_TOKENS * (layers + 1)  # warm-up steps included
     best = min(walls)
     benchmark.extra_info["wall_s"] = best
     print(f"\ndefault what-if run: {best:.3f} s wall ({len(walls)} rounds)")
