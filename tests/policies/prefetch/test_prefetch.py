@@ -111,3 +111,26 @@ def test_readme_pregating_prefetches_the_whole_step_after_layer_zero():
     assert all(r[2] >= readback0[r[4]] for r in pf)
     base = run("policies.cache.capacity_experts=192").summary
     assert out.summary["cache"]["misses"] < base["cache"]["misses"]
+
+
+def test_sida_side_model_at_full_accuracy_equals_readme_pregating():
+    sida = run("policies.prefetch.kind=accuracy_oracle", "policies.prefetch.accuracy=1.0",
+               "policies.prefetch.lookahead=31", "policies.prefetch.when=first_layer",
+               "policies.cache.capacity_experts=192").summary
+    rme = run("policies.prefetch.kind=readme_pregating", "policies.cache.capacity_experts=192").summary
+    for k in ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "evictions"):
+        assert sida["cache"][k] == rme["cache"][k], k
+    assert sida["tpot_ms"] == rme["tpot_ms"]
+
+
+def test_lookahead_predicts_each_layer_once():
+    out = run("policies.prefetch.kind=accuracy_oracle", "policies.prefetch.accuracy=1.0", "policies.prefetch.lookahead=3",
+              timeline=True)
+    c = out.summary["cache"]
+    assert c["prefetch_precision"] == 1.0
+    # each (step, layer) after the first is predicted exactly once: predictions == true experts
+    plan, src = out.prepared.plan, out.prepared.col_src
+    warm = out.result.warmup_steps
+    truth = sum(len(plan.row(s, src[col])[0]) for s in range(warm, plan.steps) for col in range(1, len(src)))
+    assert c["prefetch_recall"] == 1.0
+    assert out.result.counters["prefetch_truth"] == truth
