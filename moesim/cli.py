@@ -137,6 +137,32 @@ def ranked_table(summaries: list, dirs: list, rank: str) -> str:
     return "\n".join(lines)
 
 
+@app.command()
+def sweep(
+    base: Path = typer.Argument(..., help="base scenario YAML"),
+    grid: List[str] = typer.Option([], "--grid", help="key.path=v1,v2,...: one axis of the product (repeatable)"),
+    zip_: List[str] = typer.Option([], "--zip", help="key.path=v1,v2,...: lists paired element-wise (repeatable)"),
+    set_: List[str] = typer.Option([], "--set", help="override a field in every scenario: key.path=value"),
+    out: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default runs/sweep-<name>-<hash8>/)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="parallel runs (default: all CPU cores)"),
+    metric: str = typer.Option("tpot_ms.mean", "--metric", help="metric plotted in sweep.html"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the sweep directory"),
+):
+    """Run a parameter sweep: every scenario is validated first, finished ones are skipped
+    (resume), the rest run in parallel; writes sweep.parquet and sweep.html."""
+    from moesim.sweep import run_sweep, sweep_table
+
+    res = run_sweep(base, grid, zip_, set_, out=out, jobs=jobs, metric=metric, seed=seed, progress=not quiet)
+    if quiet:
+        typer.echo(str(res.out))
+        return
+    typer.echo(sweep_table(res))
+    typer.echo(f"scenarios  {len(res.rows)} ({res.ran} run, {res.skipped} already done)")
+    typer.echo(f"table      {res.parquet}")
+    typer.echo(f"figure     {res.html}")
+
+
 def _run_one(src: str, sc, out: Optional[Path], *, timeline: bool, force: bool, quiet: bool):
     """Simulate one validated scenario and write its outputs; returns (result, output dir)."""
     from moesim.config.loader import resolved_dict
@@ -206,18 +232,30 @@ def presets(kind: str = typer.Argument("all", help="hardware | models | policies
 
 
 @trace_app.command("stats")
-def trace_stats(path: Path = typer.Argument(..., help="trace .npz or directory"), as_json: bool = typer.Option(False, "--json")):
-    """Print basic statistics of a trace (popularity, distinct experts, temporal reuse)."""
-    from moesim.traces import basic_stats, load_trace
+def trace_stats(
+    path: Path = typer.Argument(..., help="trace .npz or directory"),
+    as_json: bool = typer.Option(False, "--json"),
+    html: Path | None = typer.Option(None, "--html", help="write each figure as DIR/<name>.html"),
+):
+    """Print trace statistics: popularity (Gini, entropy), temporal reuse, cross-layer transitions,
+    SRP/SCH segment metrics, working sets and an LRU/LFU/Belady hit-rate table."""
+    from moesim.traces import load_trace
+    from moesim.traces.stats import format_statistics, statistics_figures, trace_statistics
 
-    st = basic_stats(load_trace(path))
+    st = trace_statistics(load_trace(path))
+    if html is not None:
+        try:
+            html.mkdir(parents=True, exist_ok=True)
+            for name, fig in statistics_figures(st).items():
+                fig.write_html(html / f"{name}.html", include_plotlyjs="cdn")
+        except OSError as exc:
+            raise InputError(f"cannot write figures ({exc})", source=str(html), field="--html") from None
     if as_json:
         typer.echo(json.dumps(st, indent=2, default=_jsonable))
         return
-    for k, v in st.items():
-        if isinstance(v, (list, dict)) and len(str(v)) > 100:
-            v = str(v)[:97] + "..."
-        typer.echo(f"{k:<24} {v}")
+    typer.echo(format_statistics(st))
+    if html is not None:
+        typer.echo(f"\nfigures written to {html}")
 
 
 @trace_app.command("convert")
