@@ -362,3 +362,37 @@ class CachePolicy(Policy):
     def resident_slots_bytes(self) -> int:
         """GPU bytes reserved for the cache (all pools at capacity)."""
         return sum(p.capacity_bytes for p in self.pools)
+
+
+class RecencyScoredCache(CachePolicy):
+    """Base of policies that keep each pool in recency order (a hit or an insert moves the key to
+    the most-recent end) and evict the unprotected key with the lowest :meth:`_score`, the least
+    recent one on ties. ``_score_floor``: a score no key can go below (the search stops there)."""
+
+    _score_floor = None
+
+    def _score(self, key: int):
+        """Eviction score of resident ``key``: lower is evicted first."""
+        raise NotImplementedError
+
+    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
+        order = pool.order
+        del order[key]
+        order[key] = None
+
+    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
+        pass  # _insert appended the key at the most-recent end
+
+    def _victim(self, pool: Pool, protect) -> int | None:
+        best = best_s = None
+        floor = self._score_floor
+        score = self._score
+        for key in pool.order:  # least recent first: strict < keeps the least recent on ties
+            if key in protect:
+                continue
+            v = score(key)
+            if best is None or v < best_s:
+                best, best_s = key, v
+                if v == floor:
+                    break
+        return best

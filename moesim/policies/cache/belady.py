@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from moesim.errors import InputError
-from moesim.policies.cache.base import CacheConfig, CachePolicy, CacheSetup, Pool
+from moesim.policies.cache.base import CacheConfig, CacheSetup, RecencyScoredCache
 
 NEVER = float("inf")
 
@@ -53,7 +53,7 @@ class NextUse:
         return lst[i] if i < n else NEVER
 
 
-class Belady(CachePolicy):
+class Belady(RecencyScoredCache):
     """Belady's MIN (Belady 1966, "A study of replacement algorithms for a virtual-storage
     computer", IBM Systems Journal 5(2)): on a miss evict the resident expert whose next use is
     farthest in the future. It reads the whole decode plan, so it is an offline bound, not a
@@ -81,25 +81,8 @@ class Belady(CachePolicy):
         self._now = t
         return super().access(column, experts, t, sizes)
 
-    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        order = pool.order
-        del order[key]
-        order[key] = None
 
-    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        pass  # _insert appended the key at the most-recent end
+    _score_floor = -NEVER  # never used again: nothing is a better victim
 
-    def _victim(self, pool: Pool, protect) -> int | None:
-        best = None
-        best_t = -1.0
-        nxt = self.future.next_after
-        t = self._now
-        for key in pool.order:  # least recent first: strict > keeps the least recent on ties
-            if key in protect:
-                continue
-            n = nxt(key, t)
-            if n > best_t:
-                best, best_t = key, n
-                if n == NEVER:
-                    break
-        return best
+    def _score(self, key: int) -> float:
+        return -self.future.next_after(key, self._now)  # farthest next use first

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moesim.policies.cache.base import CacheConfig, CachePolicy, Pool
+from moesim.policies.cache.base import CacheConfig, RecencyScoredCache
 
 
-class Lru(CachePolicy):
+class Lru(RecencyScoredCache):
     """Least-recently-used eviction (the baseline of Mixtral-offloading, Eliseev & Mazur 2023,
     arXiv:2312.17238, which keeps a per-layer LRU of experts on the GPU).
 
@@ -20,16 +20,7 @@ class Lru(CachePolicy):
 
         kind: Literal["lru"] = "lru"
 
-    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        order = pool.order
-        del order[key]
-        order[key] = None
+    _score_floor = 0  # every key scores 0: the least recent unprotected key goes
 
-    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        pass  # _insert already appended it at the most-recent end
-
-    def _victim(self, pool: Pool, protect) -> int | None:
-        for key in pool.order:
-            if key not in protect:
-                return key
-        return None
+    def _score(self, key: int) -> int:
+        return 0

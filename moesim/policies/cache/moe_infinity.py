@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from moesim.policies.cache.base import CacheConfig, CachePolicy, Pool
+from moesim.policies.cache.base import CacheConfig, RecencyScoredCache
 
 
 class SlidingCounts:
@@ -52,7 +52,7 @@ def layer_proximity(col: int, current: int, layers: int) -> float:
     return 1.0 - (d - 1) / layers
 
 
-class MoeInfinity(CachePolicy):
+class MoeInfinity(RecencyScoredCache):
     """Activation-aware expert cache of MoE-Infinity (Xue et al. 2024, "MoE-Infinity: Efficient
     MoE Inference on Personal Machines with Sparsity-Aware Expert Cache", arXiv:2401.14361).
 
@@ -110,20 +110,6 @@ class MoeInfinity(CachePolicy):
             ratio *= layer_proximity(col, self._col, self.setup.num_columns)
         return ratio
 
-    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        del pool.order[key]
-        pool.order[key] = None
 
-    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        pass
-
-    def _victim(self, pool: Pool, protect) -> int | None:
-        best = None
-        best_p = None
-        for key in pool.order:  # least recent first
-            if key in protect:
-                continue
-            p = self.priority(key)
-            if best_p is None or p < best_p:
-                best, best_p = key, p
-        return best
+    def _score(self, key: int) -> float:
+        return self.priority(key)

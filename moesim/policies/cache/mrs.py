@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from moesim.policies.cache.base import CacheConfig, CachePolicy, Pool
+from moesim.policies.cache.base import CacheConfig, RecencyScoredCache
 
 
-class HybriMoeMrs(CachePolicy):
+class HybriMoeMrs(RecencyScoredCache):
     """Minus Recent Score replacement of HybriMoE (Zhong et al. 2025, "HybriMoE: Hybrid CPU-GPU
     Scheduling and Cache Management for Efficient MoE Inference", arXiv:2504.05897, DAC 2025).
 
@@ -73,22 +73,6 @@ class HybriMoeMrs(CachePolicy):
             sc[k] = a * new.get(e, 0.0) + b * sc.get(k, 0.0)
         return super().access(column, experts, t, sizes)
 
-    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        order = pool.order
-        del order[key]
-        order[key] = None
 
-    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        pass
-
-    def _victim(self, pool: Pool, protect) -> int | None:
-        best = None
-        best_s = None
-        sc = self.score
-        for key in pool.order:  # least recent first; strict < keeps it on ties
-            if key in protect:
-                continue
-            v = sc.get(key, 0.0)
-            if best_s is None or v < best_s:
-                best, best_s = key, v
-        return best
+    def _score(self, key: int) -> float:
+        return self.score.get(key, 0.0)

@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from moesim.policies.cache.base import CacheConfig, CachePolicy, Pool
+from moesim.policies.cache.base import CacheConfig, RecencyScoredCache
 from moesim.policies.cache.belady import NextUse
 from moesim.policies.cache.moe_infinity import SlidingCounts
 
 
-class ExpertFlowPlec(CachePolicy):
+class ExpertFlowPlec(RecencyScoredCache):
     """Predictive Locality-aware Expert Caching of ExpertFlow (He et al. 2024, "ExpertFlow:
     Optimized Expert Activation and Token Allocation for Efficient Mixture-of-Experts Inference",
     arXiv:2410.17954).
@@ -65,23 +65,8 @@ class ExpertFlowPlec(CachePolicy):
         horizon = (self._now // L + 1 + self.config.lookahead_steps) * L
         return self.future.next_after(key, self._now) < horizon
 
-    def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        del pool.order[key]
-        pool.order[key] = None
 
-    def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        pass
+    _score_floor = (False, 0)  # unpredicted and idle in the window
 
-    def _victim(self, pool: Pool, protect) -> int | None:
-        best = None
-        best_k = None
-        cnt = self.window.count
-        for key in pool.order:  # least recent first; strict < keeps it on ties
-            if key in protect:
-                continue
-            k = (self.predicted(key), cnt.get(key, 0))
-            if best_k is None or k < best_k:
-                best, best_k = key, k
-                if k == (False, 0):
-                    break
-        return best
+    def _score(self, key: int) -> tuple:
+        return (self.predicted(key), self.window.count.get(key, 0))
