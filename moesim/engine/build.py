@@ -259,6 +259,9 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         source=tsrc,
     )
     trace_layers = tuple(int(x) for x in trace_layers)
+    routing = apply_routing(scenario, trace, source)
+    if routing is not None:
+        trace = routing[0]
     model_layers, col_src, borrowed = map_columns(m, trace_layers)
     try:
         plan = build_plan(
@@ -381,6 +384,25 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     )
 
 
+def apply_routing(scenario, trace, source: str):
+    """The trace with the scenario's routing policy applied (a copy), and what it changed; None
+    when the routing is replayed unchanged."""
+    import dataclasses
+
+    cfg = scenario.policies.routing
+    if cfg.kind == "none":
+        return None
+    pol = registry("routing")[cfg.kind](cfg, None)
+    pol.setup = type("RoutingSetup", (), {"source": source})()
+    res = pol.transform(
+        np.asarray(trace.experts), None if trace.weights is None else np.asarray(trace.weights),
+        num_experts=scenario.model.num_experts, seed=scenario.seed,
+    )
+    meta = dict(trace.meta or {})
+    meta["routing_transform"] = {"kind": cfg.kind, "note": res.note, **res.stats}
+    return dataclasses.replace(trace, experts=res.experts, weights=res.weights, meta=meta), res
+
+
 def routing_note(scenario, trace, trace_layers, borrowed, plan) -> str:
     """Where the routing came from and which replay assumptions the run makes."""
     m = scenario.model
@@ -408,6 +430,9 @@ def routing_note(scenario, trace, trace_layers, borrowed, plan) -> str:
         )
     if trace.request is not None:
         parts.append("trace request ids ignored: consecutive rows form each decode step")
+    tr = meta.get("routing_transform")
+    if tr:
+        parts.append(f"routing policy {tr['kind']}: {tr['note']}")
     parts.extend(plan.notes)
     parts.append("routing is treated as independent of system choices (precision, skipping, merging)")
     return "; ".join(parts)

@@ -121,6 +121,10 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
                 c["gate_mass_skipped"] / c["gate_mass_total"] if c["gate_mass_total"] else None
             ),
         },
+        "routing": {
+            "policy": sc.policies.routing.kind,
+            **{k: v for k, v in (prep.trace.meta or {}).get("routing_transform", {}).items() if k not in ("kind", "note")},
+        },
         "utilization": util,
         "critical_path_ms": cp,
         "memory": prep.memory,
