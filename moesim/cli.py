@@ -260,16 +260,68 @@ def trace_stats(
 
 @trace_app.command("convert")
 def trace_convert(
-    src: Path = typer.Argument(..., help="input: a RouterTrace JSON file"),
-    dst: Path = typer.Argument(..., help="output .npz file or directory"),
-    model: str = typer.Option("google/switch-base-8", help="model the trace was captured from"),
+    src: Path = typer.Argument(..., help="input routing log or trace"),
+    dst: Path = typer.Argument(..., help="output: .npz, .jsonl, .parquet, or a directory of .npy"),
+    from_: Optional[str] = typer.Option(
+        None, "--from", help="input format: router-json|jsonl|layer-lists|parquet|npz (default: from the name)"
+    ),
+    to: Optional[str] = typer.Option(None, "--to", help="output format: npz|jsonl|parquet|dir (default: from the name)"),
+    keep_padding: bool = typer.Option(
+        False, "--keep-padding", help="keep rows that look like padding (64+ identical consecutive rows)"
+    ),
+    model: Optional[str] = typer.Option(
+        None, help="model the trace was captured from (sets meta.model; RouterTrace JSON: must match the file)"
+    ),
 ):
-    """Convert a RouterTrace-style JSON routing log into the moesim trace format."""
-    from moesim.traces import from_router_trace_json, save_trace
+    """Convert between routing-log formats: RouterTrace JSON, JSONL rows, per-layer expert lists,
+    Parquet long form, .npz and .npy directories. Padding / warm-up rows of serving-engine logs
+    (runs of 64+ identical consecutive rows) are dropped and counted unless --keep-padding."""
+    from moesim.traces import load_trace, save_trace
+    from moesim.traces import convert as cv
 
-    tr = from_router_trace_json(src, model=model)
-    save_trace(tr, dst)
-    typer.echo(f"wrote {dst}: {tr.experts.shape[0]} rows x {tr.experts.shape[1]} layers x top-{tr.experts.shape[2]}")
+    where = "moesim trace convert"
+    fmt_in = from_ or cv.guess_input_format(src)
+    if fmt_in not in cv.INPUT_FORMATS:
+        raise InputError(f"unknown input format {fmt_in!r}; expected one of {', '.join(cv.INPUT_FORMATS)}", source=where, field="--from")
+    fmt_out = to or cv.guess_output_format(dst)
+    if fmt_out not in cv.OUTPUT_FORMATS:
+        raise InputError(f"unknown output format {fmt_out!r}; expected one of {', '.join(cv.OUTPUT_FORMATS)}", source=where, field="--to")
+    is_npz_name = dst.suffix.lower() == ".npz"
+    if (fmt_out == "npz") != is_npz_name:
+        want = "a name ending in .npz" if fmt_out == "npz" else "a name not ending in .npz"
+        raise InputError(f"--to {fmt_out} needs {want}", source=str(dst), field="DST")
+
+    if fmt_in == "jsonl":
+        tr = cv.from_jsonl(src, model=model, keep_padding=keep_padding)
+    elif fmt_in == "layer-lists":
+        tr = cv.from_layer_lists(src, model=model, keep_padding=keep_padding)
+    else:
+        if fmt_in == "router-json":
+            try:
+                tr = cv.from_router_trace_json(src, model=model)
+            except InputError as exc:
+                if model is not None or exc.field != "source.model.id":
+                    raise
+                tr = cv.from_router_trace_json(src, model="google/switch-base-8")  # the historical default
+        elif fmt_in == "parquet":
+            tr = cv.from_parquet_long(src)
+        else:
+            tr = load_trace(src)
+        if model is not None:
+            tr.meta = {**(tr.meta or {}), "model": model}
+        tr = cv.drop_padding(tr, keep_padding=keep_padding, source=str(src))
+
+    if fmt_out == "jsonl":
+        cv.to_jsonl(tr, dst)
+    elif fmt_out == "parquet":
+        cv.to_parquet_long(tr, dst)
+    else:
+        save_trace(tr, dst)
+    T, L, K = tr.experts.shape
+    dropped = (tr.meta or {}).get("dropped_rows", 0)
+    typer.echo(f"wrote {dst} ({fmt_out}): {T} rows x {L} layers x top-{K}; dropped {dropped} padding rows")
+    if dropped or "kept" in str((tr.meta or {}).get("dropped_reason", "")):
+        typer.echo(f"  {tr.meta['dropped_reason']}")
 
 
 @trace_app.command("synth")

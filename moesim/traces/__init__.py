@@ -7,7 +7,16 @@ statistics.
 ((8, 2, 2), True)
 """
 
-from moesim.traces.convert import from_parquet_long, from_router_trace_json, to_parquet_long
+from moesim.traces.convert import (
+    detect_padding,
+    drop_padding,
+    from_jsonl,
+    from_layer_lists,
+    from_parquet_long,
+    from_router_trace_json,
+    to_jsonl,
+    to_parquet_long,
+)
 from moesim.traces.format import (
     ARRAY_NAMES,
     FORMAT_VERSION,
@@ -31,11 +40,16 @@ __all__ = [
     "basic_stats",
     "check_trace_against_model",
     "derived_seed",
+    "detect_padding",
+    "drop_padding",
+    "from_jsonl",
+    "from_layer_lists",
     "from_parquet_long",
     "from_router_trace_json",
     "load_trace",
     "save_trace",
     "synthesize",
+    "to_jsonl",
     "to_parquet_long",
     "trace_sha256",
     "validate_trace",
