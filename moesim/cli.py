@@ -327,16 +327,35 @@ def trace_convert(
 @trace_app.command("synth")
 def trace_synth(
     dst: Path = typer.Argument(..., help="output .npz file or directory"),
-    model: str = typer.Option(..., help="model preset (gives layers, experts, top-k)"),
+    model: Optional[str] = typer.Option(None, help="model preset (gives layers, experts, top-k); with --fit, only names the output"),
     tokens: int = typer.Option(4096, min=1),
     zipf_s: float = typer.Option(1.0, min=0.0),
     reuse_prob: float = typer.Option(0.3, min=0.0, max=1.0),
     seed: int = typer.Option(0),
+    fit: Optional[Path] = typer.Option(None, "--fit", help="fit a profile to this trace (popularity, reuse, cross-layer transitions) and generate from it; the shape comes from the trace"),
+    profile_out: Optional[Path] = typer.Option(None, "--profile-out", help="with --fit: also write the fitted profile as JSON"),
 ):
-    """Write a synthetic trace (per-layer Zipf popularity, temporal reuse) for a model preset."""
+    """Write a synthetic trace: per-layer Zipf popularity and temporal reuse for a model preset, or
+    (--fit) one fitted to a real trace's statistics."""
+    from moesim.traces import save_trace, synthesize
+
+    if fit is not None:
+        from moesim.traces import fit_profile, load_trace, synthesize_from_profile
+
+        profile = fit_profile(load_trace(fit))
+        if profile_out is not None:
+            Path(profile_out).write_text(json.dumps(profile, indent=1) + "\n", encoding="utf-8")
+        tr = synthesize_from_profile(profile, num_tokens=tokens, seed=seed, model_name=model)
+        save_trace(tr, dst)
+        typer.echo(f"wrote {dst}: {tokens} rows x {len(profile['layers'])} layers x top-{profile['top_k']}, "
+                   f"fitted to {fit}" + (f"; profile {profile_out}" if profile_out is not None else ""))
+        return
+    if profile_out is not None:
+        raise InputError("--profile-out needs --fit", source="moesim trace synth", field="--profile-out")
+    if model is None:
+        raise InputError("give --model PRESET or --fit TRACE", source="moesim trace synth", field="--model")
     from moesim.models.presets import load_model_preset
     from moesim.models.spec import ModelSpec
-    from moesim.traces import save_trace, synthesize
 
     m = ModelSpec.model_validate(load_model_preset(model))
     tr = synthesize(

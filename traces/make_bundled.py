@@ -18,7 +18,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from moesim.traces import from_router_trace_json, save_trace, synthesize  # noqa: E402
+from moesim.traces import (  # noqa: E402
+    fit_profile,
+    from_router_trace_json,
+    load_trace,
+    save_trace,
+    synthesize,
+    synthesize_from_profile,
+)
 
 #: Parameters of the bundled synthetic Mixtral-8x7B trace.
 MIXTRAL_SYNTH = dict(
@@ -31,6 +38,9 @@ MIXTRAL_SYNTH = dict(
     seed=0,
     model_name="mixtral-8x7b",
 )
+
+#: Rows and seed of the bundled synthetic trace fitted to the real switch-base-8 trace.
+SWITCH_FIT_SYNTH = {"num_tokens": 4096, "seed": 0}
 
 SWITCH_SOURCE = (
     "GitHub repository Labeeb2339/stratamoe-lab, file evidence/switch-base-8/router-trace.v2.json "
@@ -70,6 +80,12 @@ def make_mixtral(out: Path = HERE) -> Path:
     return save_trace(tr, out / "mixtral-8x7b-synth.npz")
 
 
+def make_switch_fit(switch_npz: Path, out: Path = HERE) -> Path:
+    """Write a synthetic trace fitted (fit_profile) to the converted switch-base-8 trace."""
+    tr = synthesize_from_profile(fit_profile(load_trace(switch_npz)), **SWITCH_FIT_SYNTH)
+    return save_trace(tr, out / "switch-base-8-fit-synth.npz")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("shared", nargs="?", default=None, help="folder with switch-base-8/ (default traces/raw, the bundled copy of ../shared/traces)")
@@ -77,7 +93,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shared = Path(args.shared) if args.shared else (HERE / "raw")
     out = Path(args.out)
-    for p in (make_switch(shared, out), make_mixtral(out)):
+    switch = make_switch(shared, out)
+    for p in (switch, make_mixtral(out), make_switch_fit(switch, out)):
         print(f"wrote {p}")
     return 0
 

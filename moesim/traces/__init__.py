@@ -29,7 +29,13 @@ from moesim.traces.format import (
     validate_trace,
 )
 from moesim.traces.stats import basic_stats
-from moesim.traces.synthetic import SyntheticTraceConfig, derived_seed, synthesize
+from moesim.traces.synthetic import (
+    SyntheticTraceConfig,
+    derived_seed,
+    fit_profile,
+    synthesize,
+    synthesize_from_profile,
+)
 
 __all__ = [
     "ARRAY_NAMES",
@@ -40,6 +46,7 @@ __all__ = [
     "basic_stats",
     "check_trace_against_model",
     "derived_seed",
+    "fit_profile",
     "detect_padding",
     "drop_padding",
     "from_jsonl",
@@ -49,6 +56,7 @@ __all__ = [
     "load_trace",
     "save_trace",
     "synthesize",
+    "synthesize_from_profile",
     "to_jsonl",
     "to_parquet_long",
     "trace_sha256",

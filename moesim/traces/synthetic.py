@@ -262,3 +262,264 @@ def _resolve_reuse(cand: np.ndarray, reuse: np.ndarray) -> np.ndarray:
     if tf.size:
         out[tf, lf] = out[src[tf, lf], lf]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# fitted synthesis (issue 5, item 4): fit a real trace's statistics, generate any length from them
+
+#: Identifies the fitted generative model below; bump it if generated values change for a profile.
+FITTED_GENERATOR_VERSION = 1
+#: Version of the profile dict written by :func:`fit_profile`.
+PROFILE_VERSION = 1
+_FIT_SOURCE = "moesim.traces.fit_profile"
+_CALIBRATION_TOKENS = 8192
+_CALIBRATION_ROUNDS = 4
+
+
+def fit_profile(trace: Trace, *, calibrate: bool = True) -> dict:
+    """Fit the routing statistics of ``trace`` into a JSON-able profile for
+    :func:`synthesize_from_profile`.
+
+    The profile holds, per layer column: ``popularity`` (share of the column's choices per expert,
+    sums to 1), ``reuse_rate`` (fraction of rows t >= 1 sharing an expert with row t-1 at the column,
+    the ``reuse_rate`` of :func:`moesim.traces.stats.basic_stats`), ``reuse_prob`` (the generator's
+    per-rank probability of keeping the previous token's expert, or when negative the probability
+    of avoiding it, see :func:`synthesize_from_profile`; calibrated so the generated
+    ``reuse_rate`` matches, see below); per consecutive column pair: ``transitions[l]`` (E x E,
+    ``P(expert b at column l+1 | expert a at column l)`` from the K*K choice pairs of every token;
+    a row of an expert never chosen at l is the popularity of l+1) and ``predictability`` (as in
+    :func:`moesim.traces.stats.trace_statistics`, for checking); gate weights: ``gate_mean`` /
+    ``gate_std`` per rank (``None`` when the trace has no weights); shape: ``num_experts``,
+    ``top_k``, ``layers``, ``model``; and ``source`` (the trace's ``meta.source``, ``sha256`` and
+    ``tokens``). ``calibrate=False`` skips the calibration (``reuse_prob`` is then the closed-form
+    first guess). Entries ``-1`` (no expert) are ignored.
+    """
+    from moesim.traces.stats import basic_stats, trace_statistics
+
+    e = np.asarray(trace.experts).astype(np.int64)
+    T, L, K = e.shape
+    E = int(trace.num_experts)
+    if T < 2 or E < 1:
+        raise InputError("need a trace of at least 2 rows and 1 expert to fit", source=_FIT_SOURCE,
+                         field="trace")
+    base = basic_stats(trace)
+    st = trace_statistics(trace, windows=(), capacities=[])
+    pop = np.asarray(base["popularity"], dtype=np.float64)
+    tot = pop.sum(axis=1, keepdims=True)
+    pop = np.divide(pop, tot, out=np.full_like(pop, 1.0 / E), where=tot > 0)
+    trans = []
+    for l in range(L - 1):
+        a = np.repeat(e[:, l, :], K, axis=1).ravel()
+        b = np.tile(e[:, l + 1, :], (1, K)).ravel()
+        v = (a >= 0) & (b >= 0)
+        N = np.bincount(a[v] * E + b[v], minlength=E * E).reshape(E, E).astype(np.float64)
+        rs = N.sum(axis=1, keepdims=True)
+        P = np.where(rs > 0, N / np.maximum(rs, 1), pop[l + 1][None, :])
+        trans.append(P.tolist())
+    gate_mean = gate_std = None
+    if trace.weights is not None:
+        w = np.asarray(trace.weights, dtype=np.float64)
+        ok = (e >= 0) & np.isfinite(w)
+        gate_mean, gate_std = [], []
+        for k in range(K):
+            x = w[:, :, k][ok[:, :, k]]
+            gate_mean.append(float(x.mean()) if x.size else None)
+            gate_std.append(float(x.std()) if x.size else None)
+        if any(v is None for v in gate_mean):
+            gate_mean = gate_std = None
+    meta = trace.meta or {}
+    reuse_rate = [float(x) for x in base["reuse_rate"]]
+    # closed-form first guess: rate = rho + (1 - rho) * chance, chance ~ overlap of two independent rows
+    chance = [_chance_overlap(pop[l], K) for l in range(L)]
+    rho = [float(np.clip((r - c) / max(1 - c, 1e-9), -1.0, 1.0)) for r, c in zip(reuse_rate, chance)]
+    profile = {
+        "profile_version": PROFILE_VERSION,
+        "generator": "moesim.traces.synthetic.synthesize_from_profile",
+        "generator_version": FITTED_GENERATOR_VERSION,
+        "model": meta.get("model") or "",
+        "num_experts": E,
+        "top_k": int(K),
+        "layers": list(trace.layers) if trace.layers is not None else list(range(L)),
+        "source": {"source": meta.get("source"), "sha256": trace.sha256, "tokens": int(T),
+                   "model": meta.get("model")},
+        "popularity": pop.tolist(),
+        "reuse_rate": reuse_rate,
+        "reuse_prob": rho,
+        "transitions": trans,
+        "predictability": [tr["predictability"] for tr in st["transitions"]],
+        "gate_mean": gate_mean,
+        "gate_std": gate_std,
+    }
+    if calibrate:
+        _calibrate_reuse(profile)
+    return profile
+
+
+def _chance_overlap(p: np.ndarray, K: int) -> float:
+    """P(two independent rows of K draws from ``p`` share an expert), with-replacement approximation."""
+    if K == 1:
+        return float(np.sum(p * p))
+    q = 1.0 - (1.0 - p) ** K  # P(expert in a row)
+    return float(1.0 - np.prod(1.0 - q * q))
+
+
+def _calibrate_reuse(profile: dict) -> None:
+    """Adjust ``reuse_prob`` so the generated per-column reuse rate matches ``reuse_rate``: a few
+    rounds of synthesising ``_CALIBRATION_TOKENS`` rows (fixed seed), measuring, and moving each
+    column's ``reuse_prob`` by the error scaled by ``1 - chance``. Cross-layer transitions carry
+    reuse from column l to l+1, which the closed-form guess ignores; this corrects for it."""
+    from moesim.traces.stats import basic_stats
+
+    target = np.asarray(profile["reuse_rate"])
+    pop = np.asarray(profile["popularity"])
+    K = profile["top_k"]
+    chance = np.asarray([_chance_overlap(pop[l], K) for l in range(len(target))])
+    rho = np.asarray(profile["reuse_prob"], dtype=np.float64)
+    for _ in range(_CALIBRATION_ROUNDS):
+        profile["reuse_prob"] = rho.tolist()
+        got = np.asarray(basic_stats(synthesize_from_profile(profile, num_tokens=_CALIBRATION_TOKENS,
+                                                             seed=12345))["reuse_rate"])
+        rho = np.clip(rho + (target - got) / np.maximum(1 - chance, 1e-3), -1.0, 1.0)
+    profile["reuse_prob"] = [float(x) for x in rho]
+
+
+def _resolve_avoid(order: np.ndarray, avoid: np.ndarray, K: int) -> np.ndarray:
+    """Rows ``[T, K]``: the first K experts of each row's race ``order`` ``[T, E]``; rows t >= 1
+    with ``avoid[t]`` take the first K not chosen by row t-1 (then the rest, if fewer than K remain).
+
+    Sequential in t; resolved by Jacobi rounds (a row of chain depth d is final after d rounds)."""
+    T, _E = order.shape
+    out = order[:, :K].copy()
+    avoid = avoid.copy()
+    avoid[0] = False
+    rows = np.flatnonzero(avoid)
+    if rows.size == 0:
+        return out
+    sub = order[rows]
+    for _ in range(T):
+        prev = out[rows - 1]
+        hit = (sub[:, :, None] == prev[:, None, :]).any(axis=2)
+        new = np.take_along_axis(sub, np.argsort(hit, axis=1, kind="stable")[:, :K], axis=1)
+        if np.array_equal(new, out[rows]):
+            break
+        out[rows] = new
+    return out
+
+
+def _check_profile(profile: dict) -> tuple:
+    def bad(field, msg):
+        return InputError(msg, source="moesim.traces.synthesize_from_profile", field=field)
+
+    try:
+        E, K = int(profile["num_experts"]), int(profile["top_k"])
+        layers = [int(x) for x in profile["layers"]]
+        pop = np.asarray(profile["popularity"], dtype=np.float64)
+        rho = np.asarray(profile["reuse_prob"], dtype=np.float64)
+        trans = np.asarray(profile["transitions"], dtype=np.float64).reshape(-1, E, E)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad("profile", f"not a trace profile from fit_profile: {exc}") from None
+    L = len(layers)
+    if not 1 <= K <= E:
+        raise bad("top_k", f"expected 1 <= top_k <= num_experts={E}, got {K}")
+    if pop.shape != (L, E) or (pop < 0).any() or not np.allclose(pop.sum(axis=1), 1, atol=1e-6):
+        raise bad("popularity", f"expected {L} rows of {E} probabilities summing to 1")
+    if rho.shape != (L,) or (rho < -1).any() or (rho > 1).any():
+        raise bad("reuse_prob", f"expected {L} numbers in [-1, 1]")
+    if trans.shape != (L - 1, E, E) or (trans < 0).any() or not np.allclose(trans.sum(axis=2), 1, atol=1e-6):
+        raise bad("transitions", f"expected {L - 1} row-stochastic {E}x{E} matrices")
+    return E, K, layers, pop, rho, trans
+
+
+def synthesize_from_profile(profile: dict, *, num_tokens: int, seed: int = 0, model_name: str | None = None) -> Trace:
+    """A synthetic trace of ``num_tokens`` rows reproducing a :func:`fit_profile` profile.
+
+    Generative model, per token t (rows are one token sequence, no request structure):
+
+    * column 0: each rank keeps token t-1's expert at (column 0, rank) with probability
+      ``reuse_prob[0]`` when it is >= 0 (a negative value ``-a`` instead means: with probability
+      ``a`` the token's fresh draw avoids token t-1's experts, for columns whose measured reuse is
+      below what chance and the cross-layer transitions give); the other ranks are drawn without replacement from ``popularity[0]``
+      (exponential races), skipping experts already kept;
+    * column l >= 1: the same reuse step with ``reuse_prob[l]``; fresh ranks are drawn without
+      replacement from the mixture ``mean over token t's experts a at column l-1 of
+      transitions[l-1][a, :]`` (so the stationary marginal is ``popularity[l]`` for top-1, and the
+      cross-layer joint follows the fitted matrix);
+    * gate weights (float16): with ``gate_mean``/``gate_std`` per rank, normal draws clipped to
+      [1e-3, 1], sorted decreasing and normalised to sum 1; without them, the softmax of sorted
+      standard-normal logits of :func:`synthesize`.
+
+    Not captured: request/prompt boundaries and prefill/decode phases; correlations longer than
+    one token (beyond what the one-step reuse chain induces) or across more than one layer; the
+    dependence of reuse on the cross-layer path (reuse and transitions are independent choices, so
+    reuse dilutes the transition dependence slightly); rank-specific popularity for top-K > 1
+    (sampling without replacement flattens the marginals a little); the real gate-weight law and
+    its correlation with which expert is chosen. Deterministic in ``seed``.
+    """
+    E, K, layers, pop, rho, trans = _check_profile(profile)
+    if not isinstance(num_tokens, (int, np.integer)) or isinstance(num_tokens, bool) or num_tokens < 1:
+        raise _bad("num_tokens", f"expected an integer >= 1, got {num_tokens!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise _bad("seed", f"expected an integer >= 0, got {seed!r}")
+    T, L = int(num_tokens), len(layers)
+    s_pick, s_reuse, s_gate = np.random.SeedSequence(seed).spawn(3)
+    rng_pick = np.random.default_rng(s_pick)
+    rng_reuse = np.random.default_rng(s_reuse)
+    rng_gate = np.random.default_rng(s_gate)
+    experts = np.empty((T, L, K), dtype=np.int32)
+    with np.errstate(divide="ignore"):
+        for l in range(L):
+            if l == 0:
+                w = np.broadcast_to(pop[0], (T, E))
+            else:
+                w = trans[l - 1][experts[:, l - 1, :]].mean(axis=1)  # [T, E]
+            key = rng_pick.standard_exponential(size=(T, E))
+            key = np.where(w > 0, key / np.where(w > 0, w, 1.0), np.inf)
+            u = rng_reuse.random((T, K))
+            if rho[l] >= 0:
+                if K == E:
+                    cand = np.argsort(key, axis=1, kind="stable")
+                else:
+                    part = np.argpartition(key, K - 1, axis=1)[:, :K]
+                    order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
+                    cand = np.take_along_axis(part, order, axis=1)
+                reuse = u < rho[l]
+                reuse[0] = False
+                experts[:, l, :] = _resolve_reuse(cand[:, None, :].astype(np.int32), reuse[:, None, :])[:, 0, :]
+            else:
+                experts[:, l, :] = _resolve_avoid(np.argsort(key, axis=1, kind="stable"), u[:, 0] < -rho[l], K)
+    gm, gs = profile.get("gate_mean"), profile.get("gate_std")
+    if gm is not None and gs is not None and len(gm) == K:
+        z = rng_gate.standard_normal((T, L, K)) * np.asarray(gs) + np.asarray(gm)
+        z = -np.sort(-np.clip(z, 1e-3, 1.0), axis=2)
+        z /= z.sum(axis=2, keepdims=True)
+    else:
+        z = rng_gate.standard_normal((T, L, K), dtype=np.float32)
+        z = -np.sort(-z, axis=2)
+        z -= z[:, :, :1]
+        np.exp(z, out=z)
+        z /= z.sum(axis=2, keepdims=True)
+    weights = z.astype(np.float16)
+    src = profile.get("source") or {}
+    name = profile.get("model", "") if model_name is None else model_name
+    sha = (src.get("sha256") or "")[:16]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "num_experts": E,
+        "top_k": K,
+        "layers": list(layers),
+        "source": (
+            f"synthetic, fitted: moesim.traces.synthetic.synthesize_from_profile (tokens={T}, seed={int(seed)}) "
+            f"from a profile of trace sha256 {sha or '?'}... ({src.get('source') or 'unknown source'})"
+        ),
+        "licence": "Apache-2.0 (generated by moesim; statistics fitted to the source trace named in 'source')",
+        "captured_with": (
+            f"moesim.traces.synthetic.synthesize_from_profile, fitted generator v{FITTED_GENERATOR_VERSION}: "
+            "per-layer popularity, per-rank temporal reuse, first-order cross-layer transition matrices, "
+            "simple gate-weight model"
+        ),
+        "synthetic": {"tokens": T, "seed": int(seed), "generator_version": FITTED_GENERATOR_VERSION,
+                      "profile_source": src},
+    }
+    dtype = np.int16 if E <= np.iinfo(np.int16).max else np.int32
+    return Trace(experts=experts.astype(dtype, copy=False), weights=weights, meta=meta)

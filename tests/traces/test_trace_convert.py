@@ -127,7 +127,7 @@ def test_make_bundled_reproduces_the_files_byte_for_byte(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main([str(SHARED), "--out", str(tmp_path)]) == 0
-    for name in ("switch-base-8.npz", "mixtral-8x7b-synth.npz", "switch-base-8.LICENSE"):
+    for name in ("switch-base-8.npz", "mixtral-8x7b-synth.npz", "switch-base-8-fit-synth.npz", "switch-base-8.LICENSE"):
         assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), name
 
 
