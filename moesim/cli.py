@@ -431,6 +431,38 @@ def dashboard(
         return 0
 
 
+validate_app = typer.Typer(no_args_is_help=True, help="Calibration: compare moesim's models with measurements.")
+app.add_typer(validate_app, name="validate")
+
+
+@validate_app.command("compare")
+def validate_compare(
+    out: Path = typer.Option(Path("validate/reports"), "--out", help="report folder (component-report.{json,md,html})"),
+    fail_above: Optional[float] = typer.Option(
+        None, "--fail-above", help="exit 1 when any component's MAPE exceeds this many percent"
+    ),
+    measurements: Optional[Path] = typer.Option(
+        None, "--measurements", help="measurement folder (default: the committed H100 data)"
+    ),
+    preset: str = typer.Option("h100-sxm-pcie5", "--preset", help="hardware preset whose models are compared"),
+):
+    """Component report: the simulator's GPU-expert, eager-launch, copy and CPU-expert models against
+    the measured medians, with the error per row and the MAPE per component."""
+    from validate.compare import component_report, exceeding, summary_table, write_report
+
+    report = component_report(measurements, preset)
+    paths = write_report(report, out)
+    typer.echo(summary_table(report))
+    typer.echo("report     " + ", ".join(str(p) for p in paths))
+    if fail_above is not None:
+        bad = exceeding(report, fail_above)
+        if bad:
+            for s in bad:
+                _err(f"{s['component']}: MAPE {s['mape_pct']:.2f}% exceeds {fail_above:g}%")
+            return 1
+    return 0
+
+
 def _jsonable(o):
     import numpy as np
 
