@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.traces.format import FORMAT_VERSION, Trace, _is_int, _why, validate_trace
+from moesim.traces.format import FORMAT_VERSION, Trace, _is_int, _json_default, _why, validate_trace
 
 # ----------------------------------------------------------------------------------------------
 # RouterTrace JSON
@@ -281,7 +281,7 @@ def to_parquet_long(trace: Trace, path: str | os.PathLike) -> Path:
     meta = dict(trace.meta or {})
     meta.setdefault("format_version", FORMAT_VERSION)
     extra = {
-        _META_KEY: json.dumps(meta, sort_keys=True, default=_np_json).encode(),
+        _META_KEY: json.dumps(meta, sort_keys=True, default=_json_default).encode(),
         _SHAPE_KEY: json.dumps(
             {"T": T, "L": L, "K": K, "experts_dtype": str(e.dtype), "weights_dtype": str(trace.weights.dtype) if trace.weights is not None else None}
         ).encode(),
@@ -300,14 +300,6 @@ def to_parquet_long(trace: Trace, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return p
-
-
-def _np_json(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def from_parquet_long(path: str | os.PathLike) -> Trace:
@@ -531,7 +523,7 @@ def to_jsonl(trace: Trace, path: str | os.PathLike) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(header, sort_keys=True, default=_np_json) + "\n")
+                fh.write(json.dumps(header, sort_keys=True, default=_json_default) + "\n")
                 step = max(1, (1 << 20) // max(1, L * K))
                 for a in range(0, T, step):
                     b = min(T, a + step)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from moesim.errors import InputError
 from moesim.policies.cache.base import CacheSetup
 from moesim.policies.cache.lru import Lru
+from tests.policies.cache.cachetest import workloads
 
 
 def reference_lru(steps, num_columns, num_experts, capacity, scope):
@@ -69,21 +69,6 @@ def run_policy(steps, num_columns, num_experts, capacity, scope, top_k=1):
             for e in r.hits + [e for e, _ in r.loads]:
                 assert c * num_experts + e in lru.resident
     return hits, misses, evictions, streamed
-
-
-@st.composite
-def workloads(draw):
-    C = draw(st.integers(1, 4))
-    E = draw(st.integers(2, 8))
-    n = draw(st.integers(1, 40))
-    steps = [
-        [draw(st.lists(st.integers(0, E - 1), min_size=1, max_size=min(E, 4), unique=True)) for _ in range(C)]
-        for _ in range(n)
-    ]
-    scope = draw(st.sampled_from(["global", "per_layer"]))
-    per = draw(st.integers(1, E + 1))
-    capacity = per * C if scope == "per_layer" else draw(st.integers(1, C * E + 2))
-    return steps, C, E, capacity, scope
 
 
 @settings(max_examples=300, deadline=None)
