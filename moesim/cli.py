@@ -33,7 +33,8 @@ def human_summary(s: dict) -> str:
     hr = "n/a" if c["hit_rate"] is None else f"{100 * c['hit_rate']:.1f}%"
     total = cp["total"] or 1.0
     parts = ", ".join(
-        f"{k} {100 * cp[k] / total:.0f}%" for k in ("gpu_compute", "copy_wait", "host", "cpu_expert", "comm", "idle") if cp[k] > 0
+        f"{k} {100 * cp[k] / total:.0f}%"
+        for k in ("gpu_compute", "copy_wait", "host", "cpu_expert", "cpu_attention", "comm", "idle") if cp.get(k, 0) > 0
     )
     lines = [
         f"scenario   {s['scenario']}  (hash {s['scenario_hash'][:8]}, seed {s['seed']})",
@@ -44,7 +45,7 @@ def human_summary(s: dict) -> str:
         f"TPOT ms    {_fmt_ms(s['tpot_ms'])}",
         f"throughput {s['throughput_tok_s']:.1f} tok/s",
     ]
-    if "expert_parallel" not in s and "disaggregated" not in s:
+    if "expert_parallel" not in s and "disaggregated" not in s and "cluster_serving" not in s:
         lines += [
             f"cache      {c['policy']}: {c['hits']} hits / {c['misses']} misses ({hr}), {c['evictions']} evictions",
             f"transfers  {t['bytes_h2d'] / 1e9:.3f} GB host->GPU in {t['copies']} copies",
@@ -83,6 +84,14 @@ def human_summary(s: dict) -> str:
         lines.append(
             "GPU time   " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in ep["time_split"].items())
         )
+    tp = s.get("throughput")  # throughput systems (MoE-Lightning, Klotski, MoE-Gen)
+    if tp:
+        hrm = tp.get("hrm")
+        lines.append(
+            f"system     {tp['system']}: {tp['sequences']} sequences per step, "
+            f"{tp['bytes_h2d_per_token'] / 1e6:.2f} MB host->GPU per token"
+            + (f", HRM estimate {hrm['throughput_tok_s']:.1f} tok/s ({hrm['bound']}-bound)" if hrm else "")
+        )
     sv = s.get("serving")
     dg = s.get("disaggregated")
     if dg:
@@ -91,6 +100,20 @@ def human_summary(s: dict) -> str:
             f"requests, TTFT ms {_fmt_ms(s['ttft_ms'])}, KV transfer ms {_fmt_ms(dg['kv_transfer_ms'])}, "
             f"mean decode occupancy {dg['mean_decode_occupancy']:.1f}, goodput {sv['goodput_req_s']:.3f} req/s"
         )
+    elif sv and "cluster_serving" in s:
+        cs = s["cluster_serving"]
+        el = cs.get("elastic")
+        lines.append(
+            f"EP serve   {sv['mode']}: {cs['gpus']} GPUs, {cs['ranks']} attention ranks; TTFT ms {_fmt_ms(s['ttft_ms'])}; "
+            f"goodput {sv['goodput_req_s']:.3f} req/s; {cs['efficiency']['tokens_per_s_per_gpu']:.1f} tok/s per GPU; "
+            f"{sv['preemptions']} pre-emptions"
+        )
+        if el:
+            lines.append(
+                f"elastic    {el['gpus_before']} -> {el['gpus_after']} GPUs at {el['at_s']:.3f} s: disruption "
+                f"{el['disruption_ms']:.1f} ms, {el['kv_moved_requests']} requests moved; tok/s "
+                f"{el['tok_s_before'] or 0:.0f} before, {el['tok_s_after'] or 0:.0f} after"
+            )
     elif sv:
         lines.append(
             f"serving    {sv['finished_requests']} requests ({sv['batching']}, kv {sv['kv_policy']}): TTFT ms "
@@ -119,6 +142,11 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the output directory"),
     as_json: bool = typer.Option(False, "--json", help="print summary.json to stdout"),
     rank: str = typer.Option("tpot", help="several scenarios: rank by tpot | throughput | hit_rate | ttft"),
+    replicas: int = typer.Option(0, "--replicas", min=0, help="also run N replicas with the measured timing "
+                                 "spread and report p10/p50/p90 bands (summary.json 'uncertainty')"),
+    spread: Optional[Path] = typer.Option(None, "--spread", help="spread profile JSON for --replicas (default: "
+                                          "the bundled one of the hardware, from `moesim validate fit`)"),
+    spread_scale: float = typer.Option(1.0, "--spread-scale", min=0.0, help="multiply every measured sigma"),
 ):
     """Run scenarios; write summary.json and scenario.resolved.yaml (and timeline.parquet) for
     each. Several scenarios are all validated first, then run, then ranked in one table."""
@@ -133,7 +161,8 @@ def run(
     results = []
     for src, sc in loaded:
         sub = out if (out is None or len(loaded) == 1) else out / sc.name
-        results.append(_run_one(src, sc, sub, timeline=timeline, force=force, quiet=quiet or len(loaded) > 1))
+        results.append(_run_one(src, sc, sub, timeline=timeline, force=force, quiet=quiet or len(loaded) > 1,
+                                replicas=replicas, spread=spread, spread_scale=spread_scale))
     if len(results) == 1:
         result, out_dir = results[0]
         s = result.summary
@@ -143,6 +172,10 @@ def run(
             typer.echo(str(out_dir))
         else:
             typer.echo(human_summary(s))
+            if "uncertainty" in s:
+                from moesim.perf.uncertainty import band_line
+
+                typer.echo(band_line(s["uncertainty"]))
             for note in result.prepared.notes:
                 typer.echo(f"note       {note}")
             typer.echo(f"output     {out_dir}/")
@@ -243,14 +276,75 @@ def plan(
     typer.echo(format_plan(res, top=top))
 
 
-def _run_one(src: str, sc, out: Optional[Path], *, timeline: bool, force: bool, quiet: bool):
-    """Simulate one validated scenario and write its outputs; returns (result, output dir)."""
+@app.command("search-tpot")
+def search_tpot_cmd(
+    base: Path = typer.Argument(..., help="multi-GPU scenario YAML (cluster:); a serving block is dropped"),
+    tpot_ms: float = typer.Option(..., "--tpot-ms", help="TPOT limit (ms)"),
+    batches: str = typer.Option("1,2,4,8,16,32,64,128,256", "--batches", help="sequences per attention rank to try"),
+    attention_gpus: str = typer.Option("none", "--attention-gpus", help="attention pool sizes: none (co-located) and/or N,..."),
+    stat: str = typer.Option("mean", "--stat", help="TPOT statistic held to the limit: mean | p50 | p90 | p99"),
+    objective: str = typer.Option("per_gpu", "--objective", help="per_gpu (tokens/s per GPU) | per_dollar"),
+    method: str = typer.Option("bisect", "--method", help="bisect (largest feasible batch per split) | exhaustive"),
+    steps: int = typer.Option(4, "--steps", help="decode steps simulated per point"),
+    set_: List[str] = typer.Option([], "--set", help="override a field of the base: key.path=value (repeatable)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the scenario seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the search as JSON to this file"),
+    as_json: bool = typer.Option(False, "--json", help="print the search as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines on stderr"),
+):
+    """Best throughput per GPU (or per dollar) under a TPOT limit: search the batch per attention rank
+    and the attention pool size (co-located vs attention-FFN disaggregation); prints the chosen point,
+    every point run and the frontier."""
+    from moesim.planner.tpot import format_search, search_tpot
+
+    splits = []
+    for tok in attention_gpus.split(","):
+        tok = tok.strip().lower()
+        if tok in ("none", "colocated", "co-located"):
+            splits.append(None)
+        else:
+            try:
+                splits.append(int(tok))
+            except ValueError:
+                raise InputError(f"expected none or a GPU count, got {tok!r}", source="moesim search-tpot",
+                                 field="--attention-gpus") from None
+    try:
+        bs = [int(x) for x in batches.split(",")]
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {batches!r}", source="moesim search-tpot",
+                         field="--batches") from None
+    say = None if quiet else (lambda msg: typer.echo(msg, err=True))
+    res = search_tpot(base, tpot_ms=tpot_ms, batches=bs, attention_gpus=splits, sets=set_, stat=stat,
+                      objective=objective, method=method, steps=steps, seed=seed, progress=say)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(res.as_dict(), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out)
+    typer.echo(json.dumps(res.as_dict(), indent=2) if as_json else format_search(res))
+
+
+def _run_one(src: str, sc, out: Optional[Path], *, timeline: bool, force: bool, quiet: bool, replicas: int = 0,
+             spread: Optional[Path] = None, spread_scale: float = 1.0):
+    """Simulate one validated scenario and write its outputs; returns (result, output dir). With
+    ``replicas``, the summary gains the ``uncertainty`` block (moesim.perf.uncertainty)."""
     from moesim.config.loader import resolved_dict
     from moesim.engine.run import simulate
     from moesim.metrics.output import write_outputs
 
+    if replicas:
+        from moesim.perf import uncertainty as unc
+
+        if getattr(sc, "cluster", None) is not None:
+            raise InputError("replicas are modelled for single-GPU scenarios (no cluster block)", source=src,
+                             field="--replicas")
+        spread_d, spread_src = unc.load_spread(spread, sc.hardware.name)
     with _progress(quiet) as prog:
         result = simulate(sc, source=src, record_timeline=timeline, progress=prog)
+    if replicas:
+        reps = unc.run_replicas(sc, replicas, spread_d, scale=spread_scale, source=src)
+        result.summary["uncertainty"] = unc.uncertainty_block(reps, seed=sc.seed, spread_source=spread_src,
+                                                              spread=spread_d, scale=spread_scale)
     out_dir = out if out is not None else Path("runs") / f"{sc.name}-{result.scenario_hash[:8]}"
     try:
         write_outputs(
@@ -485,6 +579,7 @@ def trace_capture(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="tokens generated greedily per prompt (N new tokens give N-1 decode rows)"),
     max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1, help="cut longer prompts to this many tokens"),
     probs: bool = typer.Option(False, "--probs", help="also record the full router distribution probs [T, L, E] (float16)"),
+    spec_next: Optional[str] = typer.Option(None, "--spec-next", help="also record spec_next [T, L, K]: the next MoE layer's router applied to this layer's hidden state (Mixtral-offloading's guess): gate_input (what this layer's router saw) or residual (the stream after this layer's experts, through the next layer's norm)"),
     stack: str = typer.Option("decoder", "--stack", help="Switch Transformers: decoder (generation steps) or encoder (the prompt pass)"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="always generate --max-new-tokens tokens"),
     name: Optional[str] = typer.Option(None, "--name", help="meta.model (default: the model id, or the architecture for random weights)"),
@@ -506,6 +601,7 @@ def trace_capture(
         random_weights=random_weights, tiny=tiny, seed=seed, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, probs=probs, stack=stack,
         ignore_eos=ignore_eos, name=name, licence=licence, progress=None if quiet else show,
+        spec_next=spec_next,
     )
     T, L, K = tr.experts.shape
     n_dec = int((tr.phase == 1).sum())
@@ -592,20 +688,39 @@ def validate_compare(
         None, "--measurements", help="measurement folder (default: the committed H100 data)"
     ),
     preset: str = typer.Option("h100-sxm-pcie5", "--preset", help="hardware preset whose models are compared"),
+    e2e: Optional[Path] = typer.Option(
+        None, "--e2e", help="also the end-to-end report of every e2e.json under this folder (e2e-report.*)"
+    ),
+    replicas: int = typer.Option(0, "--replicas", min=0, help="with --e2e: simulated bands from N replicas"),
+    spread: Optional[Path] = typer.Option(None, "--spread", help="with --replicas: spread profile JSON"),
 ):
     """Component report: the simulator's GPU-expert, eager-launch, copy and CPU-expert models against
-    the measured medians, with the error per row and the MAPE per component."""
+    the measured medians, with the error per row and the MAPE per component; with --e2e, the
+    end-to-end report (measured vs simulated token latency, hits, bytes; MAPE)."""
     from validate.compare import component_report, exceeding, summary_table, write_report
 
     report = component_report(measurements, preset)
+    e2e_rep = None
+    if e2e is not None:
+        from validate import compare_e2e
+
+        e2e_rep = compare_e2e.e2e_report(e2e, replicas=replicas, spread=spread)
     paths = write_report(report, out)
     typer.echo(summary_table(report))
+    if e2e_rep is not None:
+        paths += compare_e2e.write_report(e2e_rep, out)
+        typer.echo(compare_e2e.summary_table(e2e_rep))
+        for c in e2e_rep["caveats"][:1]:
+            typer.echo(f"note       {c}")
     typer.echo("report     " + ", ".join(str(p) for p in paths))
     if fail_above is not None:
         bad = exceeding(report, fail_above)
-        if bad:
-            for s in bad:
-                _err(f"{s['component']}: MAPE {s['mape_pct']:.2f}% exceeds {fail_above:g}%")
+        for s in bad:
+            _err(f"{s['component']}: MAPE {s['mape_pct']:.2f}% exceeds {fail_above:g}%")
+        bad_e2e = compare_e2e.exceeding(e2e_rep, fail_above) if e2e_rep is not None else []
+        for s in bad_e2e:
+            _err(f"end-to-end ({s['device']}): mean token latency MAPE {s['mape_mean_pct']:.2f}% exceeds {fail_above:g}%")
+        if bad or bad_e2e:
             return 1
     return 0
 

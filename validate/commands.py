@@ -1,4 +1,4 @@
-"""The ``moesim validate measure | e2e | references | suite`` commands, registered on the CLI's
+"""The ``moesim validate measure | e2e | fit | references | suite`` commands, registered on the CLI's
 ``validate`` sub-app by :func:`register` (``moesim/cli.py`` calls it). Heavy imports (torch,
 transformers, the simulator) happen inside the commands."""
 
@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
     @app.command("measure")
     def validate_measure(
         out: Path = typer.Option(..., "--out", help="measurement folder (env, link, expert_gpu, expert_cpu .json)"),
-        parts: str = typer.Option("expert,copies,launch,cpu,interference", "--parts",
-                                  help="comma-separated: expert, copies, launch, cpu, interference (or all)"),
+        parts: str = typer.Option("expert,copies,launch,cpu,interference,attention", "--parts",
+                                  help="comma-separated: expert, copies, launch, cpu, interference, attention (or all)"),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)"),
         quick: bool = typer.Option(False, "--quick", help="tiny sizes and few repetitions (tests the harness)"),
     ):
@@ -93,6 +93,50 @@ def register(app: typer.Typer) -> None:
                        f"{s['tpot_ms']['mean']:.3f} ms (measured {r['summary']['token_latency_ms_mean']:.3f} ms; "
                        f"hardware preset {r['scenario']['hardware']['preset']})")
         typer.echo(f"wrote      {Path(out) / 'e2e.json'}, trace.npz, scenario.yaml")
+
+    @app.command("fit")
+    def validate_fit(
+        measurements: Optional[Path] = typer.Option(None, "--measurements",
+                                                    help="measurement folder (default: the committed H100 data)"),
+        name: Optional[str] = typer.Option(None, "--name", help="profile name (default: the folder's name)"),
+        base: Optional[str] = typer.Option(None, "--base", help="hardware preset for spec-sheet numbers (default: "
+                                           "by the measured GPU's name)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="output folder (default validate/profiles/NAME)"),
+        install: bool = typer.Option(False, "--install", help="also install as preset NAME (moesim/hardware/"
+                                     "presets, moesim/perf/tables)"),
+        force: bool = typer.Option(False, "--force", help="with --install: replace existing files"),
+    ):
+        """Fit a hardware profile (preset YAML, expert tables by tokens, timing spread) to a measurement
+        folder; scenarios name an installed profile with hardware: {preset: NAME}."""
+        import re
+
+        from moesim.hardware.fit import default_measurement_dir
+        from validate.profile import ROOT, fit_profile, write_profile
+
+        folder = Path(measurements) if measurements is not None else default_measurement_dir()
+        nm = name or folder.resolve().name
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", nm):
+            raise InputError(f"expected lower-case letters, digits, '.', '_' or '-', got {nm!r}", source="--name")
+        res = fit_profile(folder, name=nm, base=base)
+        dest = out if out is not None else ROOT / "validate" / "profiles" / nm
+        paths = write_profile(res, dest, install=install, force=force)
+        f = res["fitted"]
+        typer.echo(f"link       H2D {f['link.h2d_bandwidth_gb_s']} GB/s, D2H {f['link.d2h_bandwidth_gb_s']} GB/s, "
+                   f"setup {f['link.setup_us']} us, both ways x{f['link.bidirectional_derate']}")
+        typer.echo(f"host       launch {f['host.launch_us']} us, graph {f['host.graph_launch_us']} us, copy issue "
+                   f"{f['host.copy_issue_us']} us, router read-back {f['host.router_readback_us']} us")
+        typer.echo(f"gpu        memory eff {f['gpu.memory_efficiency']}, compute eff {f['gpu.compute_efficiency']}, "
+                   f"kernel fixed {f['gpu.kernel_fixed_us']} us, copy interference x"
+                   f"{f['gpu.copy_interference.memory_bound_slowdown']} (memory-bound)")
+        sp = res["spread"]
+        typer.echo(f"spread     GPU op sigma {sp['gpu_kernel']['sigma']}, CPU expert sigma {sp['cpu_expert']['sigma']}, "
+                   f"copy tables {', '.join(sp['copy'])}")
+        if res["kept_from_base"]:
+            typer.echo(f"base       {res['base']} kept for: {', '.join(res['kept_from_base'])}")
+        for p in paths:
+            typer.echo(f"wrote      {p}")
+        if not install:
+            typer.echo(f"use        --install to name it in scenarios as hardware: {{preset: {nm}}}")
 
     @app.command("references")
     def validate_references(

@@ -26,6 +26,11 @@ part               what, and where it goes
 ``cpu``            ``expert_cpu.json``: the same expert on the host CPU with torch, fp32 and bf16,
                    tokens 1 ... 32 with all threads (``rows``), and a thread sweep
                    (``rows_by_threads``, an addition to the external layout)
+``attention``      ``attention.json`` (not in the external layout): the dense part of one decode
+                   block (RMSNorm, Q/K/V projections, attention over a KV cache of ``context``
+                   tokens, output projection, residual, RMSNorm, router and top-k) by batch and
+                   context, as a replayed CUDA graph and eagerly; runs on the CPU too (then with
+                   host timings, fp32, and ``graph`` = the plain call)
 =================  ===========================================================================
 
 Every timing is a list of repetitions after warm-up, summarised as median, mean, min, max, p10, p90
@@ -59,7 +64,7 @@ from validate.harness import (
     write_json_atomic,
 )
 
-PARTS = ("expert", "copies", "launch", "cpu", "interference")
+PARTS = ("expert", "copies", "launch", "cpu", "interference", "attention")
 CUDA_PARTS = ("expert", "copies", "launch", "interference")
 HARNESS = "moesim validate measure (validate/measure.py)"
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -70,6 +75,10 @@ CPU_SHAPES = {"mixtral": (4096, 14336), "qwen-moe": (2048, 1408)}
 QUICK_SHAPES = {"tiny": (256, 512)}
 QUICK_CPU_SHAPES = {"tiny": (64, 128)}
 MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2  # 352,321,536: one Mixtral-8x7B expert in bf16
+#: dense-block shapes of the attention part: hidden, query heads, KV heads, head dim, routed experts
+#: (public model configs; DeepSeek-V3's MLA attention is not this op and is left out)
+ATTN_SHAPES = {"mixtral": (4096, 32, 8, 128, 8), "qwen-moe": (2048, 16, 16, 128, 60), "olmoe": (2048, 16, 16, 128, 64)}
+QUICK_ATTN_SHAPES = {"tiny": (64, 4, 2, 16, 8)}
 
 
 @dataclass
@@ -109,6 +118,12 @@ class Sizes:
     thread_shapes: tuple = ("mixtral",)
     thread_budget_s: float = 1.0
     thread_reps: tuple = (3, 15)
+    attn_shapes: dict = field(default_factory=lambda: dict(ATTN_SHAPES))
+    attn_batches: list = field(default_factory=lambda: [1, 8, 32])
+    attn_contexts: list = field(default_factory=lambda: [256, 2048, 8192])
+    attn_graph_reps: int = 50
+    attn_eager_reps: int = 100
+    attn_max_rot: int = 128
 
     def transfer_reps(self, nbytes: int) -> int:
         if self.quick:
@@ -127,7 +142,8 @@ def sizes(quick: bool) -> Sizes:
             launch_reps=3, idle_reps=20, launch_mm_h=256, d2d_bytes=4 * MIB, gemm_n=256, env_reps=3,
             cpu_shapes=QUICK_CPU_SHAPES, cpu_tokens=[1, 4], cpu_rotation_bytes=MIB, cpu_budget_s=0.05,
             cpu_reps=(3, 5), thread_tokens=[1, 4], thread_shapes=("tiny",), thread_budget_s=0.05,
-            thread_reps=(3, 3),
+            thread_reps=(3, 3), attn_shapes=dict(QUICK_ATTN_SHAPES), attn_batches=[1, 4], attn_contexts=[16, 64],
+            attn_graph_reps=5, attn_eager_reps=5, attn_max_rot=4,
         )
     return Sizes(
         quick=False, gpu_shapes=GPU_SHAPES, gpu_tokens=[2**i for i in range(13)], graph_reps=100,
@@ -750,6 +766,105 @@ def machine_cpu_model() -> str:
     return cpu_model()
 
 
+# ----- attention / dense block ------------------------------------------------------------------------------
+def dense_block(torch, x, kc, vc, W, heads: int, kv_heads: int, d: int):
+    """One decode block's dense part for ``x`` [B, h] against a KV cache ``kc``/``vc`` [B, kv, ctx, d]:
+    RMSNorm, Q/K/V, the new token's K/V written into the cache's last slot, scaled-dot-product
+    attention (grouped-query heads expanded as views), output projection, residual, RMSNorm,
+    router logits, softmax and top-2. RoPE is left out (element-wise, small next to the rest)."""
+    F = torch.nn.functional
+    B = x.shape[0]
+    y = F.rms_norm(x, (x.shape[-1],), W["n1"])
+    q = (y @ W["q"]).view(B, heads, 1, d)
+    kc[:, :, -1] = (y @ W["k"]).view(B, kv_heads, d)
+    vc[:, :, -1] = (y @ W["v"]).view(B, kv_heads, d)
+    g = heads // kv_heads
+    k = kc if g == 1 else kc[:, :, None].expand(B, kv_heads, g, *kc.shape[2:]).reshape(B, heads, *kc.shape[2:])
+    v = vc if g == 1 else vc[:, :, None].expand(B, kv_heads, g, *vc.shape[2:]).reshape(B, heads, *vc.shape[2:])
+    a = F.scaled_dot_product_attention(q, k, v)
+    x = x + a.reshape(B, heads * d) @ W["o"]
+    y = F.rms_norm(x, (x.shape[-1],), W["n2"])
+    return torch.topk(torch.softmax(y @ W["r"], dim=-1), 2, dim=-1)
+
+
+def measure_attention(torch, bk, sz: Sizes) -> dict:
+    """``attention.json``: dense decode-block time by shape, batch and context (graph and eager)."""
+    dev = bk.device
+    dt = torch.bfloat16 if bk.is_cuda else torch.float32
+    esz = torch.empty(0, dtype=dt).element_size()
+    rows = []
+    state_start = gpu_state()
+    for shape, (h, heads, kvh, d, E) in sz.attn_shapes.items():
+        W = {"q": torch.randn(h, heads * d, device=dev, dtype=dt) / math.sqrt(h),
+             "k": torch.randn(h, kvh * d, device=dev, dtype=dt) / math.sqrt(h),
+             "v": torch.randn(h, kvh * d, device=dev, dtype=dt) / math.sqrt(h),
+             "o": torch.randn(heads * d, h, device=dev, dtype=dt) / math.sqrt(heads * d),
+             "r": torch.randn(h, E, device=dev, dtype=dt) / math.sqrt(h),
+             "n1": torch.ones(h, device=dev, dtype=dt), "n2": torch.ones(h, device=dev, dtype=dt)}
+        wbytes = sum(t.numel() for t in W.values()) * esz
+        for B in sz.attn_batches:
+            for ctx in sz.attn_contexts:
+                kv_bytes = 2 * B * kvh * ctx * d * esz
+                nrot = min(nrot_for(kv_bytes, 2 * bk.l2_bytes()), sz.attn_max_rot)
+                caches = [(torch.randn(B, kvh, ctx, d, device=dev, dtype=dt),
+                           torch.randn(B, kvh, ctx, d, device=dev, dtype=dt)) for _ in range(nrot)]
+                X = torch.randn(B, h, device=dev, dtype=dt)
+                rot = {"i": 0}
+
+                def call():
+                    kc, vc = caches[rot["i"] % nrot]
+                    rot["i"] += 1
+                    return dense_block(torch, X, kc, vc, W, heads, kvh, d)
+
+                G = max(nrot, 4)
+
+                def many():
+                    for j in range(G):
+                        dense_block(torch, X, *caches[j % nrot], W, heads, kvh, d)
+
+                replay = bk.graph(many)
+                graph = []
+                for i in range(2 + sz.attn_graph_reps):
+                    a, b = bk.event(), bk.event()
+                    a.record()
+                    replay()
+                    b.record()
+                    b.synchronize()
+                    if i >= 2:
+                        graph.append(a.elapsed_time(b) * 1e3 / G)
+                del replay
+                for _ in range(3):
+                    call()
+                bk.synchronize()
+                evs = [(bk.event(), bk.event()) for _ in range(sz.attn_eager_reps)]
+                for a, b in evs:
+                    a.record()
+                    call()
+                    b.record()
+                bk.synchronize()
+                eager = [a.elapsed_time(b) * 1e3 for a, b in evs]
+                rows.append({"shape": shape, "h": h, "heads": heads, "kv_heads": kvh, "head_dim": d, "experts": E,
+                             "batch": B, "context": ctx, "nrot": nrot, "weight_bytes": wbytes, "kv_bytes": kv_bytes,
+                             "graph_us": stats(graph), "graph_calls_per_replay": G, "eager_us": stats(eager)})
+                caches.clear()  # free the KV caches before the next size
+    return {
+        "dtype": str(dt).replace("torch.", ""),
+        "device": bk.name,
+        "op": ("one decode block's dense part: RMSNorm; Q, K, V projections; the token's K/V written into the "
+               "cache's last slot; scaled_dot_product_attention over a KV cache of `context` tokens (GQA heads "
+               "expanded); output projection + residual; RMSNorm; router logits, softmax, top-2. RoPE left out"),
+        "rotation": (f"nrot KV caches per (shape, batch, context) cycled, nrot = min(ceil(2 x L2 / KV bytes), "
+                     f"{sz.attn_max_rot}); weights are not rotated (larger than L2 at the real shapes)"),
+        "metrics": {
+            "graph_us": ("time per call from a replayed CUDA graph of G = max(nrot, 4) calls (pure GPU time); on the "
+                         "CPU the plain calls timed with the host clock"),
+            "eager_us": ("events around each call while calls are enqueued back to back (includes launch gaps); on "
+                         "the CPU the host clock per call"),
+        },
+        "gpu_state_start": state_start,
+        "rows": rows,
+    }
+
 # ----- the whole run ----------------------------------------------------------------------------------------
 def _merge(path: Path, new: dict) -> dict:
     """``new`` over what ``path`` already holds (parts may be measured in separate runs)."""
@@ -857,6 +972,14 @@ def run_measure(out_dir: str | Path, parts=None, device: str | None = None, quic
         written.append(write_json_atomic(out / "expert_cpu.json", c))
         log(f"cpu        {len(c['rows'])} rows + {len(c['rows_by_threads'])} thread-sweep rows "
             f"({time.perf_counter() - t0:.1f} s)")
+
+    if "attention" in run_parts:
+        t0 = time.perf_counter()
+        at = measure_attention(torch, bk, sz)
+        at["gpu_state_end"] = gpu_state()
+        at["_meta"] = _meta("attention", sz, bk, t0, torch, ["attention"])
+        written.append(write_json_atomic(out / "attention.json", at))
+        log(f"attention  {len(at['rows'])} rows ({time.perf_counter() - t0:.1f} s)")
 
     env["gpu_state_end"] = gpu_state()
     env["skipped_parts"] = skipped

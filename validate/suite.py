@@ -8,7 +8,7 @@ dependencies are not imported)::
 
 writes::
 
-    /tmp/moesim-gpu/measurements/{env,link,expert_gpu,expert_cpu}.json   (validate.measure, all parts)
+    /tmp/moesim-gpu/measurements/{env,link,expert_gpu,expert_cpu,attention}.json   (validate.measure, all parts)
     /tmp/moesim-gpu/e2e/<experiment>/{e2e.json,trace.npz,scenario.yaml}  (validate.e2e, one per experiment)
     /tmp/moesim-gpu/suite.json                                            (what ran, how long, errors)
     /tmp/moesim-gpu/suite.log

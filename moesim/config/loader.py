@@ -253,6 +253,11 @@ def resolved_dict(scenario) -> dict:
     wl = d.get("workload") or {}
     if wl.get("requests", 0) is None:  # serving block unused: old scenario hashes unchanged
         wl.pop("requests")
+    elif wl["requests"].get("cluster_table_tokens", 0) is None:  # default grid: old hashes unchanged
+        wl["requests"].pop("cluster_table_tokens")
+    md = d.get("model") or {}
+    if md.get("expert_size_multipliers", 0) is None:  # equal experts: old scenario hashes unchanged
+        md.pop("expert_size_multipliers")
     return d
 
 

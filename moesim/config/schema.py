@@ -86,6 +86,27 @@ class RuntimeConfig(StrictModel):
         default=5, ge=1, description="kernels of one expert FFN in eager mode (3 GEMMs, act, mul)"
     )
     head_kernels: int = Field(default=4, ge=1, description="final norm, LM head, sampling kernels")
+    dequant: Literal["free", "fused", "separate"] = Field(
+        default="free",
+        description="GPU cost of unpacking quantised expert weights (moesim.perf.dequant): free = the "
+        "roofline over packed bytes; fused = unpacking arithmetic as a third roof; separate = an extra "
+        "dequantise pass to 16-bit, then a 16-bit GEMM",
+    )
+    dequant_ops_per_weight: dict[str, float] = Field(
+        default_factory=dict,
+        description="override the assumed unpacking instructions per weight of a format, e.g. {hqq2: 4}",
+    )
+
+    @model_validator(mode="after")
+    def _dequant_formats(self):
+        from moesim.perf.dequant import DEQUANT_OPS_PER_WEIGHT
+
+        bad = sorted(set(self.dequant_ops_per_weight) - set(DEQUANT_OPS_PER_WEIGHT))
+        if bad:
+            raise ValueError(f"dequant_ops_per_weight: unknown format {bad[0]!r}; known: {sorted(DEQUANT_OPS_PER_WEIGHT)}")
+        if any(v < 0 for v in self.dequant_ops_per_weight.values()):
+            raise ValueError("dequant_ops_per_weight values must be >= 0")
+        return self
 
 
 class ElasticConfig(StrictModel):
@@ -196,9 +217,6 @@ def scenario_model():
             if self.policies.batching is not None:
                 raise ValueError("policies.batching needs workload.requests (a serving run)")
         else:
-            if self.cluster is not None and (self.parallel is None or self.parallel.prefill_gpus is None):
-                raise ValueError("workload.requests (serving) on a cluster needs parallel.prefill_gpus "
-                                 "(disaggregated prefill/decode); co-located multi-GPU serving is not modelled")
             if self.policies.batching is None:
                 self.policies.batching = registry("batching")["continuous"].Config()
         if self.cluster is None:

@@ -10,6 +10,7 @@ from moesim.engine.plan import DecodePlan, ServingPlan, build_plan
 from moesim.engine.single_gpu import SingleGpuEngine, StageTimes
 from moesim.errors import InputError
 from moesim.hardware.links import LinkModel
+from moesim.hardware.tiers import resolve_tiers
 from moesim.perf.predictor import Predictor
 from moesim.policies.base import registry
 from moesim.policies.cache.base import CacheSetup
@@ -73,8 +74,10 @@ def map_columns(model, trace_layers: tuple) -> tuple[list, list, list]:
     return layers, src, borrowed
 
 
-def memory_check(scenario, cache, source: str) -> dict:
-    """GPU and host memory use (bytes); an InputError naming the numbers when it does not fit."""
+def memory_check(scenario, cache, source: str, sizes=None) -> dict:
+    """GPU and host memory use (bytes); an InputError naming the numbers when it does not fit.
+    ``sizes``: the run's :class:`~moesim.models.expert_sizes.ExpertSizes` (heterogeneous experts:
+    the host store holds their own bytes, a transient buffer the largest), or None."""
     m, hw, wl = scenario.model, scenario.hardware, scenario.workload
     g = hw.gpu
     usable = (g.hbm_gib - g.reserved_gib) * GIB
@@ -94,19 +97,23 @@ def memory_check(scenario, cache, source: str) -> dict:
     else:
         kv = wl.batch_size * (wl.context_tokens + wl.max_tokens // wl.batch_size) * m.kv_bytes_per_token
     cache_b = cache.resident_slots_bytes()
-    tbuf = cache.transient_buffer_count() * cache.expert_bytes
+    tbuf = cache.transient_buffer_count() * (cache.expert_bytes if sizes is None else sizes.max_bytes)
     need = dense + kv + cache_b + tbuf
     if serving:
         kv = kv_budget(scenario, usable, need, dense, cache_b, tbuf, cache, source)
         need += kv
     kind = scenario.policies.cache.kind
-    if kind == "all_resident":  # only experts kept off the GPU need a home copy
+    if sizes is not None:  # heterogeneous experts: their own bytes; all_resident keeps its pool's off the host
+        host_store = sizes.total_bytes - (cache_b if kind == "all_resident" else 0)
+    elif kind == "all_resident":  # only experts kept off the GPU need a home copy
         host_store = m.total_expert_bytes - cache.slots_total() * m.expert_bytes
     else:
         host_store = m.total_expert_bytes
     store = scenario.runtime.expert_store
     host_cap = hw.host_memory.capacity_gib * GIB
-    if store == "auto":
+    # a pinned capacity splits the home copies over tiers (moesim.hardware.tiers.resolve_tiers)
+    tiered = hw.host_memory.pinned_capacity_gib is not None and store != "ssd"
+    if store == "auto" and not tiered:
         fits = (host_store + (need if g.unified_memory else 0)) <= host_cap
         store = "dram" if fits or hw.storage is None or host_store == 0 else "ssd"
     if store == "ssd":
@@ -136,6 +143,8 @@ def memory_check(scenario, cache, source: str) -> dict:
     }
     if serving:
         mem["kv_budget_bytes"] = int(kv)
+    if sizes is not None:
+        mem["expert_sizes"] = sizes.summary()
     if g.unified_memory:
         # one DRAM: the GPU's share and the host's expert store come out of the same capacity
         total = need + host_store
@@ -161,7 +170,7 @@ def memory_check(scenario, cache, source: str) -> dict:
             source=source,
             field=fld,
         )
-    if not g.unified_memory and host_store > hw.host_memory.capacity_gib * GIB:
+    if not g.unified_memory and not tiered and host_store > hw.host_memory.capacity_gib * GIB:
         raise InputError(
             f"experts need {host_store / GIB:.2f} GiB of host memory, more than its "
             f"{hw.host_memory.capacity_gib:g} GiB (add hardware.storage to keep them on flash)",
@@ -193,28 +202,60 @@ def kv_budget(scenario, usable, need, dense, cache_b, tbuf, cache, source) -> in
 
 
 def precision_setup(scenario, setup: CacheSetup, link: LinkModel, max_tokens: int | None = None):
-    """The engine's precision tuple (policy, low bytes, low copy time, low kernel times, mean-weight
-    function), or None for full precision."""
+    """The engine's :class:`~moesim.policies.precision.base.PrecisionRun` (levels' bytes, copy and
+    kernel times, mean-weight function), or None for full precision."""
+    from moesim.policies.precision.base import precision_run
+
     cfg = scenario.policies.precision
     if cfg.kind == "full":
         return None
     policy = registry("precision")[cfg.kind](cfg, setup)
-    m, rt, wl = scenario.model, scenario.runtime, scenario.workload
-    low_model = m.model_copy(update={"expert_dtype": policy.low_dtype})
-    low_pred = Predictor(low_model, scenario.hardware)
+    m, rt, wl, hw = scenario.model, scenario.runtime, scenario.workload, scenario.hardware
+
+    def pred(model):
+        return Predictor(model, hw, rt.dequant, rt.dequant_ops_per_weight)
+
+    return precision_run(policy, m, pred(m), link, pinned=rt.host_memory == "pinned",
+                         kernels=rt.kernels_per_expert if rt.launch_mode == "eager" else 1,
+                         max_tokens=max_tokens or wl.batch_size, setup=setup, model_predictor=pred)
+
+
+def expert_sizes(scenario, routing, col_src, source: str):
+    """The run's :class:`~moesim.models.expert_sizes.ExpertSizes` (from the routing policy, else the
+    model), or None when all experts have the model's one size; refuses the policies that assume
+    one expert size (mixed precision's low-precision copies, CPU execution's cost tables)."""
+    from moesim.models.expert_sizes import resolve
+
+    mult = None if routing is None else routing[1].size_multipliers
+    sizes = resolve(scenario.model, mult, col_src, source=source)
+    if sizes is None:
+        return None
+    for fam, ok in (("precision", "full"), ("execution", "gpu_only")):
+        kind = getattr(scenario.policies, fam).kind
+        if kind != ok:
+            raise InputError(
+                f"{kind} assumes one expert size; heterogeneous experts ({sizes.source}) run with "
+                f"{fam} {ok}", source=source, field=f"policies.{fam}.kind",
+            )
+    return sizes
+
+
+def sized_costs(sizes, scenario, predictor: Predictor, link: LinkModel, max_tokens: int) -> tuple:
+    """Per cache key (``column * E + expert``) of heterogeneous experts: bytes, copy seconds, and
+    the GPU time and memory-bound flag of its kernel by token count (one table per size class,
+    shared by its keys), as the single-GPU engine reads them."""
+    rt = scenario.runtime
     k_exp = rt.kernels_per_expert if rt.launch_mode == "eager" else 1
-    low_t, _ = low_pred.expert_times(np.arange((max_tokens or wl.batch_size) + 1), kernels=k_exp)
-    low_b = low_model.expert_bytes
-    low_copy = link.duration_s(low_b, "h2d", pinned=rt.host_memory == "pinned")
-    uniform = 1.0 / m.top_k
-
-    def mean_weight(step, column, experts, counts):
-        if setup.weights is None:
-            return {e: uniform for e in experts}
-        mass = setup.gate_mass(step, column)
-        return {e: mass.get(e, 0.0) / n for e, n in zip(experts, counts)}
-
-    return policy, low_b, low_copy, low_t.tolist(), mean_weight
+    pinned = rt.host_memory == "pinned"
+    tabs = []
+    for c in sizes.classes:
+        t, mb = predictor.expert_times(np.arange(max_tokens + 1), kernels=k_exp, size=c)
+        tabs.append((t.tolist(), [bool(x) for x in mb]))
+    dur = {b: link.duration_s(b, "h2d", pinned=pinned) for b in set(sizes.key_bytes)}
+    kcopy = [dur[b] for b in sizes.key_bytes]
+    ktab = [tabs[i][0] for i in sizes.class_of_key]
+    kmb = [tabs[i][1] for i in sizes.class_of_key]
+    return list(sizes.key_bytes), kcopy, ktab, kmb
 
 
 def activation_bytes_per_token(model) -> int:
@@ -330,6 +371,27 @@ def stage_times(scenario, predictor: Predictor, model_layers: list, steps: int, 
     )
 
 
+def _cpu_model(scenario, execution, predictor: Predictor, stages: StageTimes, source: str):
+    """The CPU thread-worker model (moesim.perf.cpu) when the execution policy computes experts on
+    the CPU with settings beyond the aggregate model, or needs the worker scheduler; else None."""
+    cfg = scenario.policies.execution
+    detailed = getattr(cfg, "detailed_cpu", None)
+    if not execution.uses_cpu or not (execution.needs_cpu_scheduler or (detailed is not None and detailed())):
+        return None
+    from moesim.perf.cpu import cpu_expert_model
+
+    n = len(stages.cpu_expert) - 1
+    try:
+        model = cpu_expert_model(
+            scenario.model, scenario.hardware, cfg, stages.cpu_expert,
+            lambda t: predictor.cpu_expert_times(np.arange(n + 1), threads=t), scenario.model.num_experts,
+        )
+    except InputError as e:
+        raise InputError(e.message, source=source, field=e.field) from None
+    predictor.cpu_model_note = model.describe()
+    return model
+
+
 def _act_table(link: LinkModel, n: int, act_bytes: int, direction: str) -> list:
     """Activation copy time for 0..n tokens (pinned)."""
     return [link.duration_s(int(k * act_bytes), direction, pinned=True) if k else 0.0 for k in range(n + 1)]
@@ -354,6 +416,7 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     if routing is not None:
         trace = routing[0]
     model_layers, col_src, borrowed = map_columns(m, trace_layers)
+    sizes = expert_sizes(scenario, routing, col_src, source)
     serving_in = None
     if wl.requests is not None:
         serving_in = _serving_inputs(scenario, trace, source)
@@ -406,14 +469,17 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         experts=np.asarray(trace.experts),
         weights=None if trace.weights is None else np.asarray(trace.weights),
         batch_size=wl.batch_size,
+        key_bytes=None if sizes is None else sizes.key_bytes,
     )
     if serving_in is not None:
         _check_serving_policies(scenario, source)
     cache = cache_cls(scenario.policies.cache, setup)
     if cache.transient_buffer_count() == 0 and cache.slots_total() < len(model_layers) * m.num_experts:
         raise InputError("needs at least one transient buffer", source=source, field="policies.cache")
-    memory = memory_check(scenario, cache, source)
-    if memory["expert_store"] == "ssd" and scenario.policies.execution.kind != "gpu_only":
+    memory = memory_check(scenario, cache, source, sizes)
+    tiers = resolve_tiers(scenario, memory, np.asarray(trace.experts), col_src,
+                          None if sizes is None else sizes.key_bytes, source)
+    if memory["expert_store"] in ("ssd", "dram+ssd") and scenario.policies.execution.kind != "gpu_only":
         raise InputError(
             "CPU execution of experts that live on flash is not modelled; use gpu_only or keep the "
             "experts in DRAM (runtime.expert_store: dram)",
@@ -437,9 +503,10 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
                 batch_size=wl.batch_size,
                 seed=scenario.seed,
                 source=source,
+                trace=trace,
             ),
         )
-    predictor = Predictor(m, hw)
+    predictor = Predictor(m, hw, rt.dequant, rt.dequant_ops_per_weight)
     link = LinkModel(hw)
     copy_s = link.duration_s(m.expert_bytes, "h2d", pinned=rt.host_memory == "pinned")
     table = StageTable(scenario, predictor, model_layers)
@@ -450,9 +517,11 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         sched = _scheduler(scenario, serving_in, memory, plan, table, source)
     ex_cfg = scenario.policies.execution
     execution = registry("execution")[ex_cfg.kind](ex_cfg, setup)
+    execution.bind_seed(scenario.seed)
+    cpu_model = _cpu_model(scenario, execution, predictor, stages, source)
     execution.bind_costs(
-        gpu_t=stages.expert, cpu_t=stages.cpu_expert, copy_s=copy_s,
-        act_s=(stages.act_d2h[1] + stages.act_h2d[1]) if len(stages.act_d2h) > 1 else 0.0,
+        gpu_t=stages.expert, cpu_t=stages.cpu_expert if cpu_model is None else cpu_model.times(len(stages.cpu_expert) - 1),
+        copy_s=copy_s, act_s=(stages.act_d2h[1] + stages.act_h2d[1]) if len(stages.act_d2h) > 1 else 0.0,
     )
     engine = SingleGpuEngine(
         plan=plan,
@@ -470,10 +539,14 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
         prefetcher=prefetcher,
         execution=execution,
         act_bytes_per_token=activation_bytes_per_token(m),
-        storage=hw.storage if memory["expert_store"] == "ssd" else None,
+        storage=hw.storage if memory["expert_store"] in ("ssd", "dram+ssd") else None,
+        tiers=None if tiers is None else tiers.tier_of,
+        copy_time=lambda nbytes, pinned: link.duration_s(nbytes, "h2d", pinned=pinned),
         precision=precision_setup(scenario, setup, link, plan.batch_size),
         serving=sched,
+        sizes=None if sizes is None else sized_costs(sizes, scenario, predictor, link, plan.batch_size),
     )
+    engine.cpu_model = cpu_model
     note = routing_note(scenario, trace, trace_layers, borrowed, plan, serving=serving_in)
     return Prepared(
         scenario=scenario,
@@ -570,11 +643,22 @@ def apply_routing(scenario, trace, source: str):
         return None
     pol = registry("routing")[cfg.kind](cfg, None)
     pol.setup = type("RoutingSetup", (), {"source": source})()
+    kw = {"expert_params": scenario.model.expert_params} if "expert_params" in pol.extra_inputs else {}
     res = pol.transform_trace(trace, num_experts=scenario.model.num_experts, seed=scenario.seed,
-                              expert_bytes=scenario.model.expert_bytes)
+                              expert_bytes=scenario.model.expert_bytes, **kw)
+    note = res.note
+    extra = {}
+    if res.rows is not None:  # the policy reordered or repeated rows: per-row arrays follow them
+        for name in ("probs", "request", "token", "step", "phase", "spec_next"):
+            arr = getattr(trace, name)
+            if arr is not None:
+                extra[name] = np.asarray(arr)[res.rows]
+        if scenario.workload.requests is not None:
+            note += ("; in a serving run the scheduler takes the reordered rows as its requests' routing and forms "
+                     "the steps itself, so the policy's row order holds only within each request")
     meta = dict(trace.meta or {})
-    meta["routing_transform"] = {"kind": cfg.kind, "note": res.note, **res.stats}
-    return dataclasses.replace(trace, experts=res.experts, weights=res.weights, meta=meta), res
+    meta["routing_transform"] = {"kind": cfg.kind, "note": note, **res.stats}
+    return dataclasses.replace(trace, experts=res.experts, weights=res.weights, meta=meta, **extra), res
 
 
 def routing_note(scenario, trace, trace_layers, borrowed, plan, serving=None) -> str:

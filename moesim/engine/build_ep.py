@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from moesim.engine.build import apply_routing, load_routing, map_columns, routing_note
+from moesim.engine.build import apply_routing, expert_sizes, load_routing, map_columns, routing_note
 from moesim.engine.expert_parallel import (
     ExpertParallelEngine,
     check_fits,
@@ -40,6 +40,16 @@ class EpPrepared:
     routing_note: str
     notes: list
     initial_placement: object
+
+
+def placed_bytes(placement, sizes) -> float:
+    """Expert bytes of the fullest GPU of one EP group under ``placement`` (replicas counted),
+    with each expert at its own size (:class:`~moesim.models.expert_sizes.ExpertSizes`)."""
+    kb = np.asarray(sizes.key_bytes, dtype=np.float64).reshape(sizes.mult.shape)
+    per_gpu = np.zeros(placement.num_gpus)
+    for l in range(placement.num_layers):
+        np.add.at(per_gpu, placement.slot_gpu[l].astype(np.int64), kb[l, placement.slot_expert[l].astype(np.int64)])
+    return float(per_gpu.max())
 
 
 def _policy(scenario, family: str, default: str):
@@ -120,6 +130,7 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
     if routing is not None:
         trace = routing[0]
     model_layers, col_src, borrowed = map_columns(m, trace_layers)
+    sizes = expert_sizes(scenario, routing, col_src, source)
     experts = np.asarray(trace.experts)
     T = experts.shape[0]
     B = wl.batch_size
@@ -176,7 +187,10 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
     except ValueError as exc:
         raise InputError(str(exc), source=source, field="policies.placement") from None
     slots = int(placement.slots_per_gpu().max())
-    memory = check_fits(scenario, slots_per_gpu=slots, steps=steps, source=source)
+    memory = check_fits(scenario, slots_per_gpu=slots, steps=steps, source=source,
+                        expert_bytes_per_gpu=None if sizes is None else placed_bytes(placement, sizes))
+    if sizes is not None:
+        memory["expert_sizes"] = sizes.summary()
 
     # stage times (attention and dense parts on the attention pool's GPU type when it differs)
     pred = Predictor(m, hw)
@@ -233,6 +247,11 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
     texp, _ = pred.expert_times(np.arange(n_max), kernels=1)
     fixed = pred.expert_fixed_s(1)
     texp = np.where(np.arange(n_max) > 0, np.maximum(texp - fixed, 0.0), 0.0)
+    size_tables = None
+    if sizes is not None:  # one table per size class, the same shape as texp
+        tabs = [pred.expert_times(np.arange(n_max), kernels=1, size=c)[0] for c in sizes.classes]
+        tabs = [np.where(np.arange(n_max) > 0, np.maximum(t - fixed, 0.0), 0.0) for t in tabs]
+        size_tables = (np.stack(tabs), sizes.class_of)
 
     a2a = registry("alltoall")[a2a_cfg.kind](a2a_cfg, topo, hidden_size=m.hidden_size)
     def split(n_ranks):
@@ -262,7 +281,12 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
                            kv_bytes_per_seq=lambda s: (wl.context_tokens + s) * kv_tok)
             # the remaining GPUs must hold the experts (at least their share) and the moved KV
             after = scenario.model_copy(update={"workload": wl.model_copy(update={"batch_size": per_gpu})})
-            check_fits(after, slots_per_gpu=-(-m.num_experts // A_after), steps=steps, source=source)
+            n_after = -(-m.num_experts // A_after)
+            worst = None  # heterogeneous experts: each layer's largest n_after experts on one GPU
+            if sizes is not None:
+                kb = np.asarray(sizes.key_bytes, dtype=np.float64).reshape(sizes.mult.shape)
+                worst = float(np.sort(kb, axis=1)[:, -n_after:].sum())
+            check_fits(after, slots_per_gpu=n_after, steps=steps, source=source, expert_bytes_per_gpu=worst)
     engine = ExpertParallelEngine(
         topo=topo,
         experts=experts,
@@ -288,6 +312,7 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
         mb_rows=mb_rows,
         attention_gpus=M,
         elastic=elastic,
+        size_tables=size_tables,
     )
 
     note = routing_note(scenario, trace, trace_layers, borrowed, SimpleNamespace(notes=notes))

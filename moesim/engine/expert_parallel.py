@@ -90,8 +90,11 @@ class ExpertParallelEngine:
     def __init__(self, *, topo, experts, rows_per_step, steps, warmup_steps, col_src, home, groups,
                  placement_policy, placement, alltoall, dense_s, tail_s, expert_t, expert_fixed_s,
                  expert_bytes, context_rows, record_timeline=False, progress=None, planning_s=0.0,
-                 micro_batches=1, mb_rows=None, attention_gpus=None, elastic=None):
+                 micro_batches=1, mb_rows=None, attention_gpus=None, elastic=None, size_tables=None):
         self.topo = topo
+        # heterogeneous experts: (seconds by token count per size class [n_cls, n], size class of
+        # every (layer, expert) [L, E]) replacing expert_t, or None (one expert size)
+        self.size_tables = size_tables
         self.experts = experts  # [T, C, K] trace
         self.R = rows_per_step
         self.steps = steps
@@ -166,7 +169,12 @@ class ExpertParallelEngine:
             dst = tab[src_e + ex]
             cell = dst * E + ex
         cnt = np.bincount(cell.ravel(), minlength=G * E + 1)[: G * E].reshape(G, E)
-        t_gpu = self.expert_t[cnt].sum(axis=1) + np.where(cnt.any(axis=1), self.expert_fixed_s, 0.0)
+        if self.size_tables is None:
+            t_exp = self.expert_t[cnt]
+        else:  # heterogeneous experts: each expert's time from its size class's table
+            tab, cls = self.size_tables
+            t_exp = tab[cls[li][None, :], cnt]
+        t_gpu = t_exp.sum(axis=1) + np.where(cnt.any(axis=1), self.expert_fixed_s, 0.0)
         return src, dst, cnt, t_gpu
 
     def _count(self, acc: "_Totals", li: int, t_attn: float, xch, cnt, t_gpu, parts: int = 1) -> None:
@@ -704,16 +712,19 @@ def ring_allreduce_s(nbytes: float, n: int, bandwidth_b_s: float, latency_s: flo
     return 2.0 * (n - 1) / n * nbytes / bandwidth_b_s + 2 * (n - 1) * latency_s
 
 
-def check_fits(scenario, *, slots_per_gpu: int, steps: int, source: str) -> dict:
+def check_fits(scenario, *, slots_per_gpu: int, steps: int, source: str, expert_bytes_per_gpu=None) -> dict:
     """Per-GPU memory: dense weights (split over attention TP) + expert slots + KV cache (with
     attention-FFN disaggregation the larger of an attention GPU's dense + KV and an expert GPU's
-    experts); an InputError naming the numbers when it does not fit."""
+    experts); an InputError naming the numbers when it does not fit. ``expert_bytes_per_gpu``:
+    the expert bytes of the fullest GPU when experts differ in size (else slots x expert bytes)."""
     m, hw, wl, par = scenario.model, scenario.hardware, scenario.workload, scenario.parallel
     g = hw.gpu
     t = par.attention_tp
     usable = (g.hbm_gib - g.reserved_gib) * GIB
     dense = m.dense_bytes / t
     experts = slots_per_gpu * len(m.moe_layers) * m.expert_bytes
+    if expert_bytes_per_gpu is not None:
+        experts = expert_bytes_per_gpu
     kv = wl.batch_size * t * (wl.context_tokens + steps) * m.kv_bytes_per_token / t
     need = dense + experts + kv
     if par.attention_gpus is not None:

@@ -20,6 +20,11 @@ Per MoE layer of a step:
    depends on their count. Memory-bound kernels are slowed by the calibrated factor while a copy
    runs (compute-bound ones by theirs).
 
+A precision policy (:class:`~moesim.policies.precision.base.PrecisionRun`) picks a level per miss
+(its bytes, copy time and kernel time) and may top up resident copies (a copy of the missing bytes;
+the cache entry grows); with memory tiers (:mod:`moesim.hardware.tiers`) each expert's home tier
+sets its copy's rate (pinned, or pageable and host-blocking) and whether a flash read comes first.
+
 A sequence of ``n`` equal kernels launched at ``λ`` host seconds each from host time ``h0`` with
 total GPU time ``G`` ends at ``max(start + G, h0 + nλ + G/n)`` (the first kernel cannot start before
 ``h0 + λ``, and the last not before ``h0 + nλ``): launch-bound small kernels fall out of this
@@ -120,7 +125,13 @@ class SingleGpuEngine:
         execution=None,
         precision=None,
         serving=None,
+        sizes=None,
+        tiers=None,
+        copy_time=None,
     ):
+        # heterogeneous experts (moesim.models.expert_sizes): (bytes, copy seconds, kernel-time
+        # table, memory-bound table) per cache key, or None when every expert has expert_bytes
+        self.sizes = sizes
         self.plan = plan
         self.col_src = col_src
         self.model_layers = model_layers
@@ -137,10 +148,18 @@ class SingleGpuEngine:
         self.progress = progress
         self.prefetcher = prefetcher
         self.execution = execution
-        self.precision = precision  # None, or (policy, low_bytes, low_copy_s, low_times, mean_weight)
+        self.precision = precision  # None, or a moesim.policies.precision.base.PrecisionRun
+        # memory tiers (moesim.hardware.tiers): home tier of each cache key (0 pinned, 1 pageable,
+        # 2 storage), or None when every home copy is alike; copy_time(nbytes, pinned) -> seconds
+        self.tiers = tiers
+        self.copy_time = copy_time
         self.serving = serving  # a moesim.serving.scheduler.Scheduler, or None (fixed batches)
         self.gpu_id = "gpu0"
         self.link_id = "link." + hw.link.name
+        self.noise = None  # per-op timing multipliers of a replica (moesim.perf.uncertainty), else None
+        # moesim.perf.cpu.CpuExpertModel: CPU experts on thread workers (NUMA, units, concurrency);
+        # None = the aggregate model (one expert at a time over all cores)
+        self.cpu_model = None
 
     def run(self) -> EngineResult:
         """Run the simulation to the end of the plan."""
@@ -203,6 +222,9 @@ class SingleGpuEngine:
         copy_s = self.copy_s
         xfix = st.expert_fixed
         xb = self.expert_bytes
+        kbytes = kcopy = ktab = kmb = None  # per-key bytes / copy time / kernel tables (sized experts)
+        if self.sizes is not None:
+            kbytes, kcopy, ktab, kmb = self.sizes
         nbuf = max(1, cache.transient_buffer_count())
         tbuf = [0.0] * nbuf
         group_launch = fused or not wait_router
@@ -274,15 +296,26 @@ class SingleGpuEngine:
         stream_dense = rt.dense_weights == "streamed"
         dense_ready = [-1.0] * C  # when each stage's streamed dense weights land (-1: not issued)
         dense_buf = [0.0, 0.0]  # double buffer for streamed dense weights: free from
-        low_now: set = set()  # experts of the current layer at low precision
-        key_bytes = cache.key_bytes
-        prec = None
-        low_b, low_copy_s, texp_low, mean_weight = xb, copy_s, texp, None
         if self.precision is not None:
-            prec, low_b, low_copy_s, texp_low, mean_weight = self.precision
+            from moesim.policies.precision.base import grow as grow_entry
+        lvl_now: dict = {}  # experts of the current layer held or loaded below level 0 -> level
+        key_lvl: dict = {}  # resident key -> precision level of its copy (absent = level 0)
+        key_bytes = cache.key_bytes
+        prec = pr = None
+        n_lv = 1
+        if self.precision is not None:
+            pr = self.precision
+            prec, mean_weight, pr_b, pr_copy, pr_t = pr.policy, pr.mean_weight, pr.nbytes, pr.copy_s, pr.texp
+            n_lv = len(pr_b)
+        lv_loads, lv_bytes, lv_time, lv_mass = [0] * n_lv, [0] * n_lv, [0.0] * n_lv, [0.0] * n_lv
+        n_topup = bytes_topup = 0
         q_total = q_low = q_skip = 0.0  # gate mass: all, served at low precision, skipped
         n_skip = n_low_loads = 0
+        tier_of = self.tiers
+        ct_memo: dict = {}  # (bytes, pinned) -> copy seconds
+        ti_loads, ti_bytes = [0, 0, 0], [0, 0, 0]
         ex_pol = self.execution
+        noise = self.noise
         uses_cpu = ex_pol is not None and ex_pol.uses_cpu
         cpu_blocks = uses_cpu and ex_pol.cpu_blocks_host
         resident = cache.resident
@@ -297,6 +330,13 @@ class SingleGpuEngine:
         busy_cpu = busy_d2h = 0.0
         bytes_d2h = bytes_act_h2d = n_cpu = 0
         col_cpu = [0] * C
+        # CPU thread workers (moesim.perf.cpu): their free times; the time the previous layer's
+        # MoE input reached the host (pre-calculation starts from it); swap / pre-calc counters
+        cpu_model = self.cpu_model if uses_cpu else None
+        cpu_wfree = [0.0] * len(cpu_model.workers) if cpu_model is not None else None
+        cpu_share = cpu_model.threads / hw.cpu.cores if cpu_model is not None else 1.0
+        moe_in_host = 0.0
+        n_swaps = n_pre = n_pre_wasted = 0
         prefetcher = self.prefetcher
         pf_unused: dict = {}  # prefetched keys not used yet -> issued in a measured step?
         pf_issued = pf_used = pf_wasted = pf_pred = pf_pred_right = pf_true = 0
@@ -304,7 +344,7 @@ class SingleGpuEngine:
         stream_slot: dict = {}
         tbi = 0
 
-        def issue_copy(key, e, slot, kind, s, layer, measured, dur=None, nbytes=None):
+        def issue_copy(key, e, slot, kind, s, layer, measured, dur=None, nbytes=None, lvl=0):
             # host issues one expert copy; it starts when the engine, the host and its slot are free
             nonlocal host, cp, busy_cp, busy_host, n_copies, bytes_h2d, n_dense, bytes_dense
             nonlocal ssd_free, busy_ssd, bytes_ssd
@@ -315,8 +355,26 @@ class SingleGpuEngine:
             if slot > cs:
                 cs = slot
             if dur is None:
-                dur, nbytes = copy_s, xb
-            if on_ssd and key >= 0:
+                if kbytes is None:
+                    dur, nbytes = copy_s, xb
+                else:  # heterogeneous experts: this expert's own bytes
+                    dur, nbytes = kcopy[key], kbytes[key]
+            blk = pageable
+            from_ssd = on_ssd and key >= 0
+            if tier_of is not None and key >= 0:
+                tr = tier_of[key]
+                from_ssd = tr == 2
+                if tr == 1:  # pageable DRAM: the size-dependent pageable rate, and the host waits
+                    d = ct_memo.get((nbytes, False))
+                    if d is None:
+                        d = ct_memo[(nbytes, False)] = self.copy_time(nbytes, False)
+                    dur, blk = d, True
+                if measured:
+                    ti_loads[tr] += 1
+                    ti_bytes[tr] += nbytes
+            if noise is not None:
+                dur *= noise.copy(nbytes)
+            if from_ssd:
                 # the expert's home copy is on flash: a read first (into a DRAM bounce buffer,
                 # pipelined with earlier link copies), or one direct transfer with GPUDirect
                 rs = ssd_free if ssd_free > host else host
@@ -336,7 +394,7 @@ class SingleGpuEngine:
                     busy_ssd += rdur
                     bytes_ssd += nbytes
             ce = cs + dur
-            if pageable:
+            if blk:
                 host = ce  # a pageable copy blocks the host thread until it is done
             cp = ce
             ready[key] = ce
@@ -347,13 +405,15 @@ class SingleGpuEngine:
                 tl.append((gpu_h2d, kind, cs, ce, s, layer, e, nbytes))
             if measured:
                 busy_cp += dur
-                busy_host += iota + (ce - cs if pageable else 0.0)
+                busy_host += iota + (ce - cs if blk else 0.0)
                 if key < 0:  # streamed dense weights
                     n_dense += 1
                     bytes_dense += nbytes
                 else:
                     n_copies += 1
                     bytes_h2d += nbytes
+                    lv_loads[lvl] += 1
+                    lv_bytes[lvl] += nbytes
 
         def issue_stream(key, e, s, layer, measured):
             # a streamed expert takes the next transient buffer of the ring
@@ -361,8 +421,9 @@ class SingleGpuEngine:
             b = tbi
             tbi = (tbi + 1) % nbuf
             stream_slot[e] = b
-            if e in low_now:
-                issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured, low_copy_s, low_b)
+            lv = lvl_now.get(e) if lvl_now else None
+            if lv:
+                issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured, pr_copy[lv], pr_b[lv], lv)
             else:
                 issue_copy(key, e, tbuf[b], "copy_stream", s, layer, measured)
 
@@ -423,6 +484,8 @@ class SingleGpuEngine:
             # the host launches an op of n equal kernels (lm host seconds each, G GPU seconds in
             # all) that also waits for time rd (a copy, or CPU results); returns its end.
             nonlocal host, gpu, prev, g_c, c_w, h_c, u_c, busy_gpu, busy_host, cpu_hold
+            if noise is not None:
+                G *= noise.kernel()
             h0 = host
             hb = h0 + lm
             start = gpu if gpu > hb else hb
@@ -531,37 +594,98 @@ class SingleGpuEngine:
                 base = c * E
                 cpu_set = None
                 if uses_cpu:
+                    swaps = ex_pol.migrations(c, lambda e: base + e in resident)
+                    for hot, cold in swaps:
+                        # a CPU expert copied into a GPU expert's slot (DAOP): the cold one goes
+                        ok, evicted = cache.prefetch(c, hot, t_access, set(resident) - {base + cold})
+                        if evicted:
+                            dropped(evicted)
+                        if ok:
+                            slot = 0.0
+                            for v in evicted:
+                                le = last_end.get(v, 0.0)
+                                if le > slot:
+                                    slot = le
+                            issue_copy(base + hot, hot, slot, "swap", s, layer, measured)
+                            if measured:
+                                n_swaps += 1
+                                n_evict += len(evicted)
                     cpu_set = ex_pol.split(c, experts, counts, lambda e: base + e in resident)
+                    # this layer's MoE input on the host (the next layer's pre-calculation starts there)
+                    moe_prev = moe_in_host
+                    moe_in_host = (host if host > d_end else d_end) + act_d2h[B]
                 if prec is not None:
-                    # misses: full, low-precision copy, or skipped, by mean gate weight
+                    # the policy picks a level (or a skip) per miss, and top-ups of resident copies
                     w_of = mean_weight(s, c, experts, counts)
                     sizes = {}
                     skip = set()
-                    low_now.clear()
+                    lvl_now.clear()
+                    miss_w, res_w = [], []
                     for e in experts:
                         key = base + e
                         if key in resident:
-                            if key_bytes[key] != xb:
-                                low_now.add(e)
-                            continue
-                        if cpu_set and e in cpu_set:
-                            continue
-                        d = prec.decide(c, e, w_of[e])
-                        if d == "skip":
+                            lv = key_lvl.get(key, 0)
+                            if lv and key_bytes[key] != pr_b[lv]:
+                                lv = 0  # re-inserted at full precision since (a prefetch, a swap)
+                            if lv:
+                                lvl_now[e] = lv
+                            res_w.append((e, w_of[e], lv))
+                        elif not (cpu_set and e in cpu_set):
+                            miss_w.append((e, w_of[e]))
+                    miss_lv, tops = prec.plan_layer(c, miss_w, res_w)
+                    for e, lv in miss_lv.items():
+                        if lv is None:
                             skip.add(e)
-                        elif d == "low":
-                            sizes[e] = low_b
-                            low_now.add(e)
+                        elif lv:
+                            sizes[e] = pr_b[lv]
+                            lvl_now[e] = lv
                     run_gpu = [e for e in experts if e not in skip and not (cpu_set and e in cpu_set)]
                     res = cache.access(c, run_gpu, t_access, sizes or None)
+                    for e, _ in res.loads:
+                        key_lvl[base + e] = lvl_now.get(e, 0)
+                    if tops:
+                        protect = {base + e for e in experts}
+                        for e, lv in tops.items():
+                            key = base + e
+                            if key not in resident:
+                                continue
+                            old = key_bytes[key]
+                            ok, evicted = grow_entry(cache, c, key, pr_b[lv], protect)
+                            if evicted:
+                                dropped(evicted)
+                                if measured:
+                                    n_evict += len(evicted)
+                            if not ok:
+                                continue
+                            slot = 0.0  # the added slices go to room the victims free
+                            for v in evicted:
+                                le = last_end.get(v, 0.0)
+                                if le > slot:
+                                    slot = le
+                            nb = pr_b[lv] - old
+                            d = ct_memo.get((nb, not pageable))
+                            if d is None:
+                                d = ct_memo[(nb, not pageable)] = self.copy_time(nb, not pageable)
+                            issue_copy(key, e, slot, "copy_topup", s, layer, measured, d, nb, lv)
+                            key_lvl[key] = lv
+                            if lv:
+                                lvl_now[e] = lv
+                            else:
+                                lvl_now.pop(e, None)
+                            if measured:
+                                n_topup += 1
+                                bytes_topup += nb
                     if measured:
                         for e in experts:
                             m_ = w_of[e] * cnt[e]
                             q_total += m_
                             if e in skip:
                                 q_skip += m_
-                            elif e in low_now:
+                            elif e in lvl_now:
                                 q_low += m_
+                                lv_mass[lvl_now[e]] += m_
+                            elif not (cpu_set and e in cpu_set):
+                                lv_mass[0] += m_
                         n_skip += len(skip)
                         n_acc += len(skip)
                         n_miss += len(skip)
@@ -587,8 +711,9 @@ class SingleGpuEngine:
                         le = last_end.get(v, 0.0)
                         if le > slot:
                             slot = le
-                    if e in low_now:
-                        issue_copy(base + e, e, slot, "copy", s, layer, measured, low_copy_s, low_b)
+                    lv = lvl_now.get(e) if lvl_now else None
+                    if lv:
+                        issue_copy(base + e, e, slot, "copy", s, layer, measured, pr_copy[lv], pr_b[lv], lv)
                     else:
                         issue_copy(base + e, e, slot, "copy", s, layer, measured)
                 streamed = res.streamed
@@ -632,8 +757,19 @@ class SingleGpuEngine:
                     rd = 0.0
                     for e in grp:
                         k = cnt[e]
-                        T += texp_low[k] if e in low_now else texp[k]
-                        mb = mb or tmb[k]
+                        if ktab is None:
+                            lv = lvl_now.get(e, 0) if lvl_now else 0
+                            t_ = pr_t[lv][k] if lv else texp[k]
+                            T += t_
+                            if measured:
+                                lv_time[lv] += t_
+                            mb = mb or tmb[k]
+                        else:  # heterogeneous experts: this expert's size class's table
+                            t_ = ktab[base + e][k]
+                            T += t_
+                            if measured:
+                                lv_time[0] += t_
+                            mb = mb or kmb[base + e][k]
                         r = ready.pop(base + e, 0.0)
                         if r > rd:
                             rd = r
@@ -660,24 +796,60 @@ class SingleGpuEngine:
                         ds = host
                     if d_end > ds:
                         ds = d_end
-                    de = ds + act_d2h[ntok]
+                    de = ds + (act_d2h[ntok] if noise is None else act_d2h[ntok] * noise.copy(ntok * act_b, "d2h"))
                     d2h_free = de
                     if cpu_blocks and de > host:
                         host = de  # the host thread waits for the activations it computes on
-                    cs0 = cs = cpu_free if cpu_free > de else de
-                    for e in experts:
-                        if e in cpu_set:
-                            dur = stretch(cs, tcpu[cnt[e]], f_dram, copies_cpu)
+                    if cpu_model is None:
+                        cs0 = cs = cpu_free if cpu_free > de else de
+                        for e in experts:
+                            if e in cpu_set:
+                                dur = stretch(cs, tcpu[cnt[e]] if noise is None else tcpu[cnt[e]] * noise.cpu(),
+                                              f_dram, copies_cpu)
+                                if rec:
+                                    tl.append((cpu_r, "cpu_expert", cs, cs + dur, s, layer, e, 0))
+                                cs += dur
+                        cpu_free = cs
+                        cpu_work = cs - cs0
+                    else:
+                        # thread workers (moesim.perf.cpu): experts run concurrently, sharing DRAM;
+                        # pre-calculated ones (and wrong guesses) start from the previous layer's input
+                        early, wasted = ex_pol.precalc(c, cpu_set, cnt)
+                        jobs = [(moe_prev, k, -1, 1.0) for k in wasted]
+                        ids = [-1] * len(wasted)
+                        for e in experts:
+                            if e in cpu_set:
+                                jobs.append((moe_prev if e in early else de, cnt[e], base + e,
+                                             1.0 if kbytes is None else kbytes[base + e] / xb))
+                                ids.append(e)
+                        order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+                        jobs = [jobs[i] for i in order]
+                        ids = [ids[i] for i in order]
+                        first = jobs[0][0]
+                        while copies_cpu and copies_cpu[0][1] <= first:
+                            copies_cpu.popleft()
+                        scale = None if noise is None else [noise.cpu() for _ in jobs]
+                        runs = cpu_model.schedule(jobs, cpu_wfree, copies_cpu, f_dram, scale)
+                        cs = 0.0
+                        cpu_work = 0.0
+                        for e, (a, b, w) in zip(ids, runs):
+                            if e >= 0 and b > cs:
+                                cs = b  # results go back once the last real expert is done
+                            cpu_work += (b - a) * cpu_share
                             if rec:
-                                tl.append((cpu_r, "cpu_expert", cs, cs + dur, s, layer, e, 0))
-                            cs += dur
-                    cpu_free = cs
+                                tl.append((f"{cpu_r}.w{w}" if len(cpu_wfree) > 1 else cpu_r,
+                                           "cpu_expert" if e >= 0 else "cpu_precalc_wasted", a, b, s, layer, e, 0))
+                        if cs > cpu_free:
+                            cpu_free = cs
+                        if measured:
+                            n_pre += len(early)
+                            n_pre_wasted += len(wasted)
                     if cpu_blocks and cs > host:
                         if measured:
                             busy_host += cs - host
                         host = cpu_hold = cs
                     rs = cp if cp > cs else cs
-                    re_ = rs + act_h2d[ntok]
+                    re_ = rs + (act_h2d[ntok] if noise is None else act_h2d[ntok] * noise.copy(ntok * act_b))
                     cp = re_
                     copies.append((rs, re_))
                     copies_cpu.append((rs, re_))
@@ -686,7 +858,7 @@ class SingleGpuEngine:
                         tl.append((gpu_d2h, "act_d2h", ds, de, s, layer, -1, ntok * act_b))
                         tl.append((gpu_h2d, "act_h2d", rs, re_, s, layer, -1, ntok * act_b))
                     if measured:
-                        busy_cpu += cs - cs0
+                        busy_cpu += cpu_work
                         busy_d2h += de - ds
                         busy_cp += re_ - rs
                         bytes_d2h += ntok * act_b
@@ -788,8 +960,14 @@ class SingleGpuEngine:
                 "bytes_d2h": bytes_d2h,
                 "bytes_ssd": bytes_ssd,
                 "cpu_experts": n_cpu,
+                "cpu_gpu_swaps": n_swaps,
+                "precalc_experts": n_pre,
+                "precalc_wasted": n_pre_wasted,
                 "skipped": n_skip,
                 "low_precision_loads": n_low_loads,
+                "precision_levels": {"loads": lv_loads, "bytes": lv_bytes, "expert_gpu_s": lv_time,
+                                     "gate_mass": lv_mass, "topups": n_topup, "bytes_topup": bytes_topup},
+                "tiers": None if tier_of is None else {"loads": ti_loads, "bytes": ti_bytes},
                 "gate_mass_total": q_total,
                 "gate_mass_low": q_low,
                 "gate_mass_skipped": q_skip,

@@ -203,19 +203,27 @@ def fit_host_costs(env: dict) -> dict:
     * ``launch_us``: host enqueue time per kernel, averaged over the five kernels of one SwiGLU
       expert call: three GEMM launches (measured with a [1,4096]x[4096,4096] bf16 mm) and two
       element-wise launches (measured with a tiny add).
-    * ``graph_launch_us``: not measured; assumed equal to one small-kernel enqueue (one launch
-      call through the same Python/driver path).
-    * ``copy_issue_us``: not measured; assumed equal to one small-kernel enqueue likewise.
+    * ``graph_launch_us``: the host enqueue time of a one-kernel CUDA-graph replay where the data
+      has it (``graph_replay_1_kernel``, written by ``moesim validate measure``); otherwise
+      assumed equal to one small-kernel enqueue (one launch call through the same Python/driver
+      path). ``graph_launch_measured`` says which.
+    * ``copy_issue_us``: the host enqueue time of a 4 KiB pinned async copy where measured
+      (``h2d_copy_4KiB_pinned_issue``), otherwise one small-kernel enqueue likewise
+      (``copy_issue_measured``).
     * ``router_readback_us``: 16-byte pinned device-to-host copy + synchronize from an idle GPU.
     """
     ho = env["host_overheads"]
     tiny = float(ho["tiny_add_"]["host_enqueue_us_per_launch"]["median"])
     mm_key = next(k for k in ho if k.startswith("mm_"))
     mm = float(ho[mm_key]["host_enqueue_us_per_launch"]["median"])
+    graph = ho.get("graph_replay_1_kernel")
+    issue = ho.get("h2d_copy_4KiB_pinned_issue")
     return {
         "launch_us": (EXPERT_GEMMS * mm + EXPERT_ELEMENTWISE * tiny) / EXPERT_KERNELS,
-        "graph_launch_us": tiny,
-        "copy_issue_us": tiny,
+        "graph_launch_us": float(graph["host_enqueue_us_per_launch"]["median"]) if graph else tiny,
+        "copy_issue_us": float(issue["host_enqueue_us_per_launch"]["median"]) if issue else tiny,
+        "graph_launch_measured": graph is not None,
+        "copy_issue_measured": issue is not None,
         "router_readback_us": float(ho["small_d2h_pinned_plus_sync_idle_us"]["median"]),
         "tiny_kernel_enqueue_us": tiny,
         "gemm_kernel_enqueue_us": mm,
@@ -239,9 +247,10 @@ def fit_host_machine(env: dict, expert_cpu: dict) -> dict:
         return int(m.group(1))
 
     mem_kb = re.search(r"MemTotal:\s*(\d+)\s*kB", env["meminfo"])
-    fields = [s.strip() for s in env["nvidia_smi_query"].splitlines()[0].split(",")]
-    values = [s.strip() for s in env["nvidia_smi_query"].splitlines()[1].split(",")]
-    smi = dict(zip(fields, values))
+    query = (env.get("nvidia_smi_query") or "").splitlines()
+    smi = {}  # no nvidia-smi on the measured machine: the PCIe link stays unknown (None)
+    if len(query) >= 2:
+        smi = dict(zip([s.strip() for s in query[0].split(",")], [s.strip() for s in query[1].split(",")]))
     dram = max(float(r["GBps_weights"]) for r in expert_cpu["rows"])
     return {
         "hbm_gib": env["device"]["total_memory"] / 2**30,
@@ -249,8 +258,8 @@ def fit_host_machine(env: dict, expert_cpu: dict) -> dict:
         "sockets": lscpu_int("Socket(s)"),
         "cores_per_socket": lscpu_int("Core(s) per socket"),
         "threads_per_core": lscpu_int("Thread(s) per core"),
-        "pcie_generation": int(smi["pcie.link.gen.current"]),
-        "pcie_width": int(smi["pcie.link.width.current"]),
+        "pcie_generation": int(smi["pcie.link.gen.current"]) if smi else None,
+        "pcie_width": int(smi["pcie.link.width.current"]) if smi else None,
         "dram_read_gb_s": dram,
     }
 
@@ -309,8 +318,11 @@ def fit_compute_efficiency(
 
 
 # ----- everything ------------------------------------------------------------------------------
-def fit_report(path: str | Path | None = None) -> dict:
-    """All fitted quantities, unrounded, with diagnostics; keyed by part (``link``, ``host``...)."""
+def fit_report(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK_BF16_TFLOPS,
+               peak_hbm_gb_s: float = H100_PEAK_HBM_GB_S) -> dict:
+    """All fitted quantities, unrounded, with diagnostics; keyed by part (``link``, ``host``...).
+    ``peak_tflops`` (dense bf16) and ``peak_hbm_gb_s`` are the GPU's spec-sheet peaks the
+    efficiencies are relative to (default: H100 SXM)."""
     m = load_measurements(path)
     pin = fit_pinned_link(m["link"])
     report = {
@@ -323,8 +335,8 @@ def fit_report(path: str | Path | None = None) -> dict:
         "interference": fit_copy_interference(m["link"]),
         "host": fit_host_costs(m["env"]),
         "machine": fit_host_machine(m["env"], m["expert_cpu"]),
-        "memory": fit_gpu_memory_line(m["expert_gpu"]),
-        "compute": fit_compute_efficiency(m["env"], m["expert_gpu"]),
+        "memory": fit_gpu_memory_line(m["expert_gpu"], peak_hbm_gb_s),
+        "compute": fit_compute_efficiency(m["env"], m["expert_gpu"], peak_tflops),
     }
     series = m["link"]["expert_sized_h2d_series"]
     n = series["bytes"]
@@ -336,13 +348,14 @@ def fit_report(path: str | Path | None = None) -> dict:
     return report
 
 
-def fit_h100(path: str | Path | None = None) -> dict:
+def fit_h100(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK_BF16_TFLOPS,
+             peak_hbm_gb_s: float = H100_PEAK_HBM_GB_S) -> dict:
     """Fitted HardwareSpec values keyed by dotted path, rounded to :data:`SIG_DIGITS` digits.
 
     Units are those of the spec fields (GB/s, µs, GiB, dimensionless factors); integer facts
     (cores, PCIe generation and width) stay integers; pageable tables are ``[[bytes, GB/s], ...]``.
     ``path`` is the measurement folder (default: the committed H100 data)."""
-    r = fit_report(path)
+    r = fit_report(path, peak_tflops=peak_tflops, peak_hbm_gb_s=peak_hbm_gb_s)
     pin, host, mach, mem = r["pinned"], r["host"], r["machine"], r["memory"]
     inter = r["interference"]
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from moesim.config.base import StrictModel
 
 GIB = 2**30
-DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k")
+DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k",
+          "hqq3", "hqq2", "tq2_0", "tq1_0")
 
 
 class PeakFlops(StrictModel):
@@ -28,10 +29,11 @@ class PeakFlops(StrictModel):
 
     def for_dtype(self, dtype: str) -> float:
         """Peak TFLOP/s for ``dtype``; formats without native support fall back to bf16 math (the
-        GGUF block formats are dequantised to 16-bit and multiplied there)."""
-        if dtype.startswith("q"):
+        GGUF block formats and HQQ are dequantised to 16-bit and multiplied there; ternary weights
+        meet int8 activations, as in BitNet b1.58 and MoTE)."""
+        if dtype.startswith(("q", "hqq")):
             return self.bf16
-        if dtype in ("int4", "int8"):
+        if dtype in ("int4", "int8", "tq2_0", "tq1_0"):
             return self.int8 or self.bf16
         if dtype == "fp8":
             return self.fp8 or self.bf16
@@ -73,8 +75,31 @@ class HostSpec(StrictModel):
     )
 
 
+class CpuUnitPeak(StrictModel):
+    """Peak of one vector/matrix unit of ONE core in GFLOP/s (1e9 FLOP/s; int8: 1e9 ops/s) per
+    dtype; a dtype left out runs at the unit's fp32 rate (bf16) or bf16 rate (int8)."""
+
+    fp32: float | None = Field(default=None, gt=0)
+    bf16: float | None = Field(default=None, gt=0)
+    int8: float | None = Field(default=None, gt=0)
+
+    def for_dtype(self, dtype: str) -> float | None:
+        """Per-core GFLOP/s of this unit for expert weights of ``dtype`` (None: the unit cannot
+        run it at all). Quantised formats are multiplied as bf16 after dequantisation; int8/int4
+        use the int8 path when the unit has one."""
+        if dtype in ("int8", "int4") and self.int8:
+            return self.int8
+        if dtype == "fp32":
+            return self.fp32
+        return self.bf16 or self.fp32
+
+
 class CpuSpec(StrictModel):
-    """Host CPU: cores, DRAM bandwidth and peak FLOP/s (all sockets together)."""
+    """Host CPU: cores, DRAM bandwidth and peak FLOP/s (all sockets together), and the detail that
+    decides the speed of experts computed on it: NUMA nodes, DRAM channels, per-node and
+    cross-socket bandwidth, a core's own bandwidth limit and per-core peaks of its vector/matrix
+    units (see :mod:`moesim.perf.cpu`). Every detail field defaults to "not modelled", which keeps
+    the aggregate model (all cores on one expert, the whole DRAM bandwidth)."""
 
     name: str
     sockets: int = Field(default=1, ge=1)
@@ -85,11 +110,80 @@ class CpuSpec(StrictModel):
     compute_efficiency: float = Field(
         default=0.5, gt=0, le=1.0, description="achieved / peak FLOP/s of expert GEMMs (assumption)"
     )
+    numa_nodes_per_socket: int = Field(
+        default=1, ge=1, description="NUMA nodes per socket (SNC / NPS modes split a socket)"
+    )
+    dram_channels_per_socket: int | None = Field(default=None, ge=1, description="DRAM channels per socket")
+    dram_mt_s: float | None = Field(default=None, gt=0, description="transfers/s of one channel, millions (8 B each)")
+    node_bandwidth_gb_s: float | None = Field(
+        default=None, gt=0,
+        description="achievable DRAM read bandwidth of one NUMA node; None = dram_bandwidth_gb_s / nodes",
+    )
+    cross_socket_bandwidth_gb_s: float | None = Field(
+        default=None, gt=0,
+        description="rate at which one node's threads read another node's memory (UPI / Infinity "
+        "Fabric); None = as fast as local memory (no NUMA penalty)",
+    )
+    core_bandwidth_gb_s: float | None = Field(
+        default=None, gt=0,
+        description="DRAM read rate one core can sustain on its own; None = no per-core limit",
+    )
+    units: dict[Literal["avx2", "avx512", "amx"], CpuUnitPeak] = Field(
+        default_factory=dict, description="per-core peaks of the vector/matrix units the CPU has"
+    )
+
+    @field_validator("units")
+    @classmethod
+    def _units_have_a_rate(cls, v):
+        for name, u in v.items():
+            if u.fp32 is None and u.bf16 is None and u.int8 is None:
+                raise ValueError(f"unit {name!r} needs at least one of fp32, bf16, int8")
+        return v
+
+    @model_validator(mode="after")
+    def _check_bandwidths(self):
+        """Cross-field checks: node bandwidths add up to no more than the DRAM total, which is
+        no more than the channels' peak."""
+        nodes = self.numa_nodes
+        if self.node_bandwidth_gb_s is not None and self.node_bandwidth_gb_s * nodes > self.dram_bandwidth_gb_s * (1 + 1e-9):
+            raise ValueError(
+                f"node_bandwidth_gb_s {self.node_bandwidth_gb_s} x {nodes} NUMA nodes exceeds "
+                f"dram_bandwidth_gb_s {self.dram_bandwidth_gb_s}"
+            )
+        peak = self.dram_peak_gb_s
+        if peak is not None and self.dram_bandwidth_gb_s > peak * (1 + 1e-9):
+            raise ValueError(
+                f"dram_bandwidth_gb_s {self.dram_bandwidth_gb_s} exceeds the channels' peak {peak:.1f} "
+                f"({self.sockets} x {self.dram_channels_per_socket} channels x 8 B x {self.dram_mt_s} MT/s)"
+            )
+        return self
 
     @property
     def cores(self) -> int:
         """Total cores over all sockets."""
         return self.sockets * self.cores_per_socket
+
+    @property
+    def numa_nodes(self) -> int:
+        """NUMA nodes over all sockets."""
+        return self.sockets * self.numa_nodes_per_socket
+
+    @property
+    def cores_per_node(self) -> int:
+        """Cores of one NUMA node (a socket's cores split evenly over its nodes)."""
+        return max(1, self.cores_per_socket // self.numa_nodes_per_socket)
+
+    @property
+    def node_bandwidth(self) -> float:
+        """DRAM bandwidth of one NUMA node, GB/s."""
+        return self.node_bandwidth_gb_s or self.dram_bandwidth_gb_s / self.numa_nodes
+
+    @property
+    def dram_peak_gb_s(self) -> float | None:
+        """Peak DRAM bandwidth of all channels, GB/s (None when channels or rate are unknown)."""
+        if self.dram_channels_per_socket is None or self.dram_mt_s is None:
+            return None
+        return self.sockets * self.dram_channels_per_socket * 8.0 * self.dram_mt_s / 1000.0
 
 
 class HostMemorySpec(StrictModel):
@@ -100,6 +194,11 @@ class HostMemorySpec(StrictModel):
     """
 
     capacity_gib: float = Field(gt=0)
+    pinned_capacity_gib: float | None = Field(
+        default=None, ge=0,
+        description="how much of the experts' home copy may be pinned (page-locked); the rest lives in "
+        "pageable DRAM, and what DRAM cannot hold on storage (moesim.hardware.tiers). None = all of it",
+    )
     pageable_h2d_gb_s: list[tuple[float, float]] = Field(
         description="[[size_bytes, GB/s], ...] increasing sizes; interpolated log-log (power law)"
     )

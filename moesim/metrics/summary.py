@@ -51,6 +51,47 @@ def run_header(sc, *, scenario_hash, wall_time_s, events, sim_time_s, window, to
     }
 
 
+def _execution_block(prep, counters: dict) -> dict:
+    """``{"execution": {...}}`` with an execution policy's own figures (DAOP's swaps and
+    pre-calculations), or nothing for policies that report none."""
+    ex = getattr(prep.engine, "execution", None)
+    rep = ex.report(counters) if ex is not None and hasattr(ex, "report") else {}
+    return {"execution": rep} if rep else {}
+
+
+def _by_format(prep, c: dict) -> dict:
+    """Per expert format (precision level): copies and bytes loaded (top-ups count towards the level
+    they complete), expert-kernel GPU seconds (nominal, before copy interference) and the fraction
+    of the routed gate mass it served (a quality proxy; skipped mass is the rest)."""
+    lv = c.get("precision_levels")
+    if lv is None:
+        return {}
+    pr = getattr(prep.engine, "precision", None)
+    m = prep.scenario.model
+    names = pr.names if pr is not None else [m.expert_dtype or m.dtype]
+    total = c["gate_mass_total"]
+    out = {}
+    for i, name in enumerate(names):
+        if pr is None:
+            frac = 1.0 if c["accesses"] else None
+        else:
+            frac = lv["gate_mass"][i] / total if total else None
+        out[name] = {"loads": int(lv["loads"][i]), "bytes_h2d": int(lv["bytes"][i]),
+                     "expert_gpu_s": float(lv["expert_gpu_s"][i]), "gate_mass_fraction": frac}
+    return out
+
+
+def _by_tier(prep, c: dict) -> dict:
+    """Expert loads and bytes by the tier their home copy lives in (moesim.hardware.tiers); a run
+    without tiers has one home: pinned or pageable DRAM, or storage."""
+    t = c.get("tiers")
+    if t is not None:
+        return {n: {"loads": int(t["loads"][i]), "bytes": int(t["bytes"][i])}
+                for i, n in enumerate(("pinned", "pageable", "ssd"))}
+    home = "ssd" if prep.memory.get("expert_store") == "ssd" else prep.scenario.runtime.host_memory
+    return {home: {"loads": int(c["copies"]), "bytes": int(c.get("bytes_h2d_experts", 0))}}
+
+
 def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: float) -> dict:
     """The summary dict of one run (JSON-able; deterministic apart from ``wall_time_s``)."""
     sc = prep.scenario
@@ -121,6 +162,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "bytes_network": 0,
             "copies": int(c["copies"]),
             "expert_bytes": int(sc.model.expert_bytes),
+            "by_tier": _by_tier(prep, c),
         },
         "precision": {
             "policy": sc.policies.precision.kind,
@@ -131,6 +173,10 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "gate_mass_skipped_fraction": (
                 c["gate_mass_skipped"] / c["gate_mass_total"] if c["gate_mass_total"] else None
             ),
+            "topups": int(c.get("precision_levels", {}).get("topups", 0)),
+            "bytes_topup": int(c.get("precision_levels", {}).get("bytes_topup", 0)),
+            "dequant": sc.runtime.dequant,
+            "by_format": _by_format(prep, c),
         },
         "routing": {
             "policy": sc.policies.routing.kind,
@@ -146,6 +192,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "dense": "roofline",
         },
         "policies": {fam: getattr(sc.policies, fam).kind for fam in ("cache", "prefetch", "execution", "precision")},
+        **_execution_block(prep, c),
         "routing_note": prep.routing_note,
     }
     if getattr(prep, "serving", None) is not None:

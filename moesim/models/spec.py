@@ -25,6 +25,11 @@ from moesim.config.base import StrictModel
 # llama.cpp's ggml quantisation (Q8_0 and Q4_0: 32 weights + one fp16 scale; the k-quants: 256-weight
 # super-blocks with 6- or 8-bit sub-block scales): Q8_0 8.5, Q6_K 6.5625, Q5_K 5.5, Q4_K 4.5, Q4_0 4.5,
 # Q3_K 3.4375, Q2_K 2.5625 bits per weight. Plain int8/int4/fp8 carry no scales here.
+# HQQ (Badri & Shaji 2023, the `hqq` library) at group size 64 with an fp16 scale and an fp16 zero per
+# group adds 32 / 64 = 0.5 bits per weight: 2-bit packs four values per byte (2.5 bits in all), 3-bit
+# packs ten values per int32 (3.2 bits, then 3.7 in all). Ternary weights in {-1, 0, 1} (BitNet b1.58,
+# MoTE) as llama.cpp stores them: TQ2_0 2 bits per weight + one fp16 scale per 256 (2.0625 bits),
+# TQ1_0 five trits per byte + one fp16 scale per 256 (1.6875 bits).
 BYTES_PER_PARAM = {
     "fp32": 4.0,
     "bf16": 2.0,
@@ -39,9 +44,14 @@ BYTES_PER_PARAM = {
     "q4_0": 4.5 / 8,
     "q3_k": 3.4375 / 8,
     "q2_k": 2.5625 / 8,
+    "hqq3": 3.7 / 8,
+    "hqq2": 2.5 / 8,
+    "tq2_0": 2.0625 / 8,
+    "tq1_0": 1.6875 / 8,
 }
 Dtype = Literal[
-    "fp32", "bf16", "fp16", "fp8", "int8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k"
+    "fp32", "bf16", "fp16", "fp8", "int8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k",
+    "hqq3", "hqq2", "tq2_0", "tq1_0",
 ]
 
 
@@ -109,6 +119,11 @@ class ModelSpec(StrictModel):
     )
     kv_dtype: Dtype | None = Field(default=None, description="KV-cache elements; default dtype")
     tie_embeddings: bool = False
+    expert_size_multipliers: list[float] | None = Field(
+        default=None,
+        description="heterogeneous experts (HMoE): FFN width of expert e over moe_intermediate_size, one per "
+        "expert, the same at every MoE layer; None = all experts equal",
+    )
     source: str = Field(default="", description="where the numbers come from (config URL)")
 
     @model_validator(mode="after")
@@ -117,6 +132,12 @@ class ModelSpec(StrictModel):
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if not self.moe_layers:
             raise ValueError("no MoE layer: check first_dense_layers / moe_layer_interval")
+        m = self.expert_size_multipliers
+        if m is not None:
+            if len(m) != self.num_experts:
+                raise ValueError(f"expert_size_multipliers has {len(m)} entries, num_experts is {self.num_experts}")
+            if any(not (x > 0 and x < float("inf")) for x in m):
+                raise ValueError("expert_size_multipliers must be positive and finite")
         return self
 
     # ----- value semantics ---------------------------------------------------------------------
@@ -282,13 +303,20 @@ class ModelSpec(StrictModel):
 
     @cached_property
     def total_expert_bytes(self) -> int:
-        """Bytes of all routed experts of all MoE blocks."""
+        """Bytes of all routed experts of all MoE blocks (with ``expert_size_multipliers``, expert
+        ``e`` takes ``round(multiplier[e] * expert_bytes)``)."""
+        if self.expert_size_multipliers is not None:
+            per_layer = sum(int(round(x * self.expert_bytes)) for x in self.expert_size_multipliers)
+            return per_layer * len(self.moe_layers)
         return self.expert_bytes * self.num_experts * len(self.moe_layers)
 
     @cached_property
     def total_params(self) -> int:
-        """All parameters (dense + routed experts)."""
+        """All parameters (dense + routed experts; heterogeneous experts by their multipliers)."""
         dense = self.blocks_dense_params + self.embedding_params
+        if self.expert_size_multipliers is not None:
+            per_layer = sum(int(round(x * self.expert_params)) for x in self.expert_size_multipliers)
+            return dense + per_layer * len(self.moe_layers)
         return dense + self.expert_params * self.num_experts * len(self.moe_layers)
 
     @cached_property

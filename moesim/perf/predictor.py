@@ -47,7 +47,7 @@ def load_profile_table(name: str) -> dict:
 class Predictor:
     """Predicts op times of ``model`` on ``hw``'s GPU (roofline, or measured tables for experts)."""
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec):
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, dequant: str = "free", dequant_ops: dict | None = None):
         self.model = model
         self.hw = hw
         g = hw.gpu
@@ -57,6 +57,9 @@ class Predictor:
         self.flops_expert = (
             g.peak_tflops.for_dtype(model.expert_dtype or model.dtype) * 1e12 * g.compute_efficiency
         )
+        # dequantisation of packed expert weights (moesim.perf.dequant); "free" = the plain roofline
+        self.dequant, self._dq_ops = dequant, dict(dequant_ops or {})
+        self._dq = self.dequant_cost(model.expert_dtype or model.dtype)
         self._table = self._match_table()
         self.expert_source = "profile table " + hw.expert_profile if self._table is not None else "roofline"
 
@@ -67,17 +70,64 @@ class Predictor:
         tb = nbytes / self.mem_bw
         return OpTime(max(tf, tb) + kernels * self.fixed_s, tb >= tf)
 
-    def _expert_roofline(self, tokens: np.ndarray, kernels: int) -> tuple[np.ndarray, np.ndarray]:
+    def _expert_roofline(self, tokens: np.ndarray, kernels: int, size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         m = self.model
         n = tokens.astype(np.float64)
-        flops = m.expert_flops(1) * n
-        act = n * (2 * m.hidden_size + 3 * m.moe_intermediate_size) * m.bytes_per_param
-        nbytes = m.expert_bytes + act
+        if size == 1.0:
+            flops = m.expert_flops(1) * n
+            act = n * (2 * m.hidden_size + 3 * m.moe_intermediate_size) * m.bytes_per_param
+            nbytes = m.expert_bytes + act
+        else:  # a heterogeneous expert of width size x moe_intermediate_size (HMoE)
+            flops = m.expert_flops(1) * size * n
+            act = n * (2 * m.hidden_size + 3 * size * m.moe_intermediate_size) * m.bytes_per_param
+            nbytes = int(round(size * m.expert_bytes)) + act
+        if self._dq.alu_s or self._dq.pass_s:
+            return self._dequant_roof(n, flops, act, size * m.expert_params, m.expert_bytes_per_param, self._dq,
+                                      self.flops_expert, kernels)
         tf = flops / self.flops_expert
         tb = nbytes / self.mem_bw
         t = np.maximum(tf, tb) + kernels * self.fixed_s
         t = np.where(n > 0, t, 0.0)
         return t, tb >= tf
+
+    def dequant_cost(self, fmt: str, params: float | None = None, bytes_per_param: float | None = None):
+        """Dequantisation cost of one expert op (``params`` weights, default one expert's) stored as
+        ``fmt`` under this predictor's mode (:func:`moesim.perf.dequant.dequant_cost`)."""
+        from moesim.perf.dequant import dequant_cost
+
+        return dequant_cost(self.dequant, fmt, self.model.expert_params if params is None else params, self.hw.gpu,
+                            bytes_per_param=bytes_per_param, ops_override=self._dq_ops, mem_bw=self.mem_bw,
+                            fixed_s=self.fixed_s)
+
+    def _dequant_roof(self, n, flops, act, params, bytes_per_param, dq, peak, kernels):
+        # fused: a third roof (the unpacking arithmetic); separate: an extra pass, then a 16-bit GEMM
+        if dq.gemm_bytes_per_param is not None:
+            wbytes = params * dq.gemm_bytes_per_param
+            peak = self.hw.gpu.peak_tflops.for_dtype(dq.gemm_dtype) * 1e12 * self.hw.gpu.compute_efficiency
+        else:
+            wbytes = params * bytes_per_param
+        tf = flops / peak
+        tb = (wbytes + act) / self.mem_bw
+        t = np.maximum(np.maximum(tf, tb), dq.alu_s) + dq.pass_s + kernels * self.fixed_s
+        return np.where(n > 0, t, 0.0), tb >= tf
+
+    def expert_times_as(self, tokens, kernels: int, fmt: str, bytes_per_param: float | None = None,
+                        math_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Roofline GPU time (s) of one expert stored as ``fmt`` instead of the model's expert dtype
+        (a lower-precision copy), with this predictor's dequantisation mode, and memory-bound flags.
+        ``bytes_per_param`` overrides the format table (a nested bit-slice depth); ``math_dtype``
+        picks the peak the multiply runs at (default: the format's own)."""
+        from moesim.models.spec import BYTES_PER_PARAM
+
+        m = self.model
+        n = np.asarray(tokens, dtype=np.float64)
+        bpp = BYTES_PER_PARAM[fmt] if bytes_per_param is None else bytes_per_param
+        g = self.hw.gpu
+        peak = g.peak_tflops.for_dtype(math_dtype or fmt) * 1e12 * g.compute_efficiency
+        flops = m.expert_flops(1) * n
+        act = n * (2 * m.hidden_size + 3 * m.moe_intermediate_size) * m.bytes_per_param
+        dq = self.dequant_cost(fmt, bytes_per_param=bpp)
+        return self._dequant_roof(n, flops, act, m.expert_params, bpp, dq, peak, kernels)
 
     # ----- measured tables ------------------------------------------------------------------------
     def _match_table(self):
@@ -97,15 +147,23 @@ class Predictor:
             np.array([r["graph_us"] for r in rows], dtype=np.float64) * 1e-6,
         )
 
-    def expert_times(self, tokens, kernels: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    def expert_times(self, tokens, kernels: int = 5, size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """GPU time (s) of one expert FFN for each token count in ``tokens`` and memory-bound flags.
 
         ``kernels`` is the number of kernels the expert runs as (their fixed times are included; a
-        measured table already includes its own)."""
+        measured table already includes its own). ``size``: the expert's FFN width over
+        ``moe_intermediate_size`` (heterogeneous experts): FLOPs, weight bytes and the intermediate
+        activations scale with it; a measured table (taken at width 1) is scaled by the ratio of
+        the roofline at ``size`` to the roofline at width 1."""
         tok = np.asarray(tokens, dtype=np.float64)
-        roof, membound = self._expert_roofline(tok, kernels)
+        roof, membound = self._expert_roofline(tok, kernels, size)
         if self._table is None:
             return roof, membound
+        if size != 1.0:
+            roof1, _ = self._expert_roofline(tok, kernels)
+            scale = np.divide(roof, roof1, out=np.ones_like(roof), where=roof1 > 0)
+            t1, _ = self.expert_times(tok, kernels)
+            return t1 * scale, membound
         xs, ys = self._table
         t = np.interp(tok, xs, ys)
         hi = tok > xs[-1]
@@ -122,14 +180,18 @@ class Predictor:
         return (TABLE_OP_KERNELS if self._table is not None else kernels) * self.fixed_s
 
     # ----- CPU experts -------------------------------------------------------------------------------
-    def cpu_expert_times(self, tokens) -> np.ndarray:
+    def cpu_expert_times(self, tokens, threads: int | None = None) -> np.ndarray | None:
         """Host-CPU time (s) of one expert for each token count in ``tokens``: a measured CPU table
         (``HardwareSpec.cpu_expert_profile``) where shape and dtype match, else a roofline of the
         expert's bytes over the CPU's DRAM bandwidth and its FLOPs over peak x efficiency. Decode
-        expert math on a CPU is bound by DRAM bandwidth."""
+        expert math on a CPU is bound by DRAM bandwidth. With ``threads``: only a table measured
+        at exactly that many threads, else None (the caller models the threads itself, see
+        :mod:`moesim.perf.cpu`)."""
         tok = np.asarray(tokens, dtype=np.float64)
         m, cpu = self.model, self.hw.cpu
-        table = self._cpu_table()
+        table = self._cpu_table(threads)
+        if threads is not None and table is None:
+            return None
         if table is not None:
             xs, ys = table
             t = np.interp(tok, xs, ys)
@@ -144,7 +206,7 @@ class Predictor:
         tb = m.expert_bytes / (cpu.dram_bandwidth_gb_s * 1e9)
         return np.where(tok > 0, np.maximum(tf, tb), 0.0)
 
-    def _cpu_table(self):
+    def _cpu_table(self, threads: int | None = None):
         name = self.hw.cpu_expert_profile
         if not name:
             return None
@@ -154,6 +216,7 @@ class Predictor:
         rows = [
             r for r in table["rows"]
             if r["h"] == m.hidden_size and r["f"] == m.moe_intermediate_size and r["dtype"] == dtype
+            and (threads is None or r.get("threads") == threads)
         ]
         if len(rows) < 2 or not m.ffn_gated:
             return None
@@ -162,8 +225,11 @@ class Predictor:
 
     @property
     def cpu_expert_source(self) -> str:
-        """Where CPU expert times come from."""
-        return "profile table " + self.hw.cpu_expert_profile if self._cpu_table() is not None else "roofline"
+        """Where CPU expert times come from (an execution policy's thread/NUMA model, when one is
+        set, says so in ``cpu_model_note``)."""
+        base = "profile table " + self.hw.cpu_expert_profile if self._cpu_table() is not None else "roofline"
+        note = getattr(self, "cpu_model_note", None)
+        return base if note is None else f"{base}; {note}"
 
     # ----- dense parts ----------------------------------------------------------------------------
     def block_dense(self, layer: int, batch: int, kernels: int) -> OpTime:

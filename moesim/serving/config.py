@@ -129,6 +129,13 @@ class RequestsConfig(StrictModel):
     )
     warmup_requests: int = Field(default=0, ge=0, description="first requests left out of request metrics")
     slo: SloConfig = Field(default_factory=SloConfig)
+    cluster_table_tokens: list[int] | None = Field(
+        default=None,
+        description="serving on a cluster without prefill_gpus (moesim.serving.ep_serving): tokens per "
+        "attention rank at which the step-cost table is measured with the expert-parallel engine "
+        "(interpolated between); None = 1, the powers of two and the largest step the batching policy "
+        "can form; the largest step is always added",
+    )
     routing_rows: Literal["auto", "by_request", "windows"] = Field(
         default="auto",
         description="which trace rows a request's tokens replay: by_request = the trace's request "
@@ -151,6 +158,9 @@ class RequestsConfig(StrictModel):
     def _bounded(self):
         if self.arrival.kind != "trace" and self.num_requests is None and self.duration_s is None:
             raise ValueError("give num_requests or duration_s (or both) for a synthetic arrival process")
+        if self.cluster_table_tokens is not None and (not self.cluster_table_tokens
+                                                      or min(self.cluster_table_tokens) < 1):
+            raise ValueError("cluster_table_tokens must list token counts of at least 1")
         if self.warmup_requests and self.num_requests is not None and self.warmup_requests >= self.num_requests:
             raise ValueError("warmup_requests must be smaller than num_requests")
         return self

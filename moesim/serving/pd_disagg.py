@@ -29,7 +29,6 @@ request (it must fit ``batch_size`` times per decode GPU, else an input error).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ import numpy as np
 import simpy
 
 from moesim.errors import InputError
+from moesim.serving.cluster_tables import InSystem, RoutingFile, no_cache_block, pool_scenario, step_time
 
 
 @dataclass
@@ -69,32 +69,6 @@ class PdResult:
     max_active: int = 0
 
 
-def _pool_scenario(scenario, *, gpus: int, batch: int, context: int, alltoall: dict | None, steps: int):
-    """A fixed-batch expert-parallel scenario on ``gpus`` GPUs of the cluster's kind."""
-    d = scenario.model_dump(mode="json")
-    d["workload"] = {"batch_size": batch, "max_tokens": gpus * batch * steps, "warmup_tokens": 0,
-                     "loop_trace": True, "context_tokens": context}
-    d["parallel"] = {**d["parallel"], "prefill_gpus": None}
-    gpn = d["cluster"]["gpus_per_node"]
-    if gpus % gpn:
-        d["cluster"]["gpus_per_node"] = gpus if gpus < gpn else math.gcd(gpus, gpn)
-    d["cluster"]["nodes"] = gpus // d["cluster"]["gpus_per_node"]
-    if alltoall is not None:
-        d["policies"]["alltoall"] = alltoall
-    d["policies"].pop("batching", None)
-    d.pop("include", None)
-    return d
-
-
-def _step_time(scenario_dict, source) -> float:
-    from moesim.config.loader import scenario_from_dict
-    from moesim.engine.run import simulate
-
-    sc = scenario_from_dict(copy.deepcopy(scenario_dict), source=source)
-    s = simulate(sc, source=source).summary
-    return float(s["tpot_ms"]["mean"]) * 1e-3
-
-
 class PdTables:
     """Step-time tables of the two pools, from expert-parallel runs."""
 
@@ -106,9 +80,14 @@ class PdTables:
         ]
         B = wl.batch_size
         self.decode_n = sorted({1, *[2**k for k in range(1, 12) if 2**k < B], B})
+        with RoutingFile(scenario, source) as routing:
+            self._measure(scenario, routing, prefill_gpus, decode_gpus, max_prompt, source)
+
+    def _measure(self, scenario, routing, prefill_gpus, decode_gpus, max_prompt, source):
+        wl = scenario.workload
         self.decode_s = np.array([
-            _step_time(_pool_scenario(scenario, gpus=decode_gpus, batch=n, context=wl.context_tokens,
-                                      alltoall=None, steps=2), source)
+            step_time(pool_scenario(scenario, gpus=decode_gpus, batch=n, context=wl.context_tokens,
+                                    alltoall=None, steps=2, trace=routing.block), source)
             for n in self.decode_n
         ])
         hi = max(64, int(max_prompt))
@@ -122,7 +101,8 @@ class PdTables:
         pred = Predictor(scenario.model, scenario.hardware)
         per_ctx = scenario.model.attention_core_flops(1) / pred.flops_dense * scenario.model.num_layers
         self.prefill_s = np.array([
-            _step_time(_pool_scenario(scenario, gpus=prefill_gpus, batch=L, context=0, alltoall=tp, steps=1), source)
+            step_time(pool_scenario(scenario, gpus=prefill_gpus, batch=L, context=0, alltoall=tp, steps=1,
+                                    trace=routing.block), source)
             + per_ctx * L * L / 2.0
             for L in self.prefill_L
         ])
@@ -147,6 +127,10 @@ def run_pd(scenario, *, source: str = "scenario"):
     if not 0 < P < G:
         raise InputError(f"{P} leaves no decode GPU in a {G}-GPU cluster", source=source, field="parallel.prefill_gpus")
     D = G - P
+    for name in ("elastic", "attention_gpus"):
+        if getattr(par, name) is not None:
+            raise InputError("is not modelled together with parallel.prefill_gpus (disaggregated "
+                             "prefill/decode); drop one of them", source=source, field=f"parallel.{name}")
     arr = make_arrivals(cfg, scenario.seed, source)
     if len(arr) == 0:
         raise InputError("no request arrives", source=source, field="workload.requests")
@@ -169,13 +153,10 @@ def run_pd(scenario, *, source: str = "scenario"):
     wake_prefill = [env.event()]
     wake_decode = [env.event()]
     active: list = []
-    in_system = [0, 0.0, 0.0]  # count, last change time, area
+    in_system = InSystem()
 
     def change(delta):
-        n, t_last, area = in_system
-        in_system[2] = area + n * (env.now - t_last)
-        in_system[0] = n + delta
-        in_system[1] = env.now
+        in_system.change(env.now, delta)
 
     def poke(w):
         if not w[0].triggered:
@@ -259,7 +240,7 @@ def run_pd(scenario, *, source: str = "scenario"):
     env.process(decode_pool())
     env.run()
     change(0)
-    res.in_system_area = in_system[2]
+    res.in_system_area = in_system.area
     res.end_s = env.now
     return res, tables, mem
 
@@ -297,9 +278,7 @@ def pd_summary(scenario, res: PdResult, tables: PdTables, mem: dict, *, scenario
     s["tpot_ms"] = percentiles(tpot)
     s["ttft_ms"] = percentiles(ttft)
     s["e2e_ms"] = percentiles(e2e)
-    s["cache"] = {"policy": scenario.policies.cache.kind, "accesses": 0, "hits": 0, "misses": 0, "hit_rate": None,
-                  "prefetch_issued": 0, "prefetch_used": 0, "prefetch_wasted": 0, "evictions": 0,
-                  "note": "expert-parallel pools: every expert resident, no cache"}
+    s["cache"] = no_cache_block(scenario)
     s["transfers"] = {"bytes_h2d": 0, "bytes_d2h": 0, "bytes_ssd": 0, "bytes_network": int(res.kv_bytes),
                       "bytes_kv_transfer": int(res.kv_bytes), "copies": len(res.kv_transfer_s)}
     s["utilization"] = {}

@@ -123,7 +123,7 @@ class StepBuilder:
     @property
     def arrivals_done(self) -> bool:
         """Every request has arrived (none will join the queue later)."""
-        return self._s.next_arrival >= len(self._s.requests)
+        return self._s.arrivals_done
 
     @property
     def kv_policy(self) -> str:
@@ -208,6 +208,11 @@ class Scheduler:
     @property
     def arrivals_pending(self) -> bool:
         return self.next_arrival < len(self.requests)
+
+    @property
+    def arrivals_done(self) -> bool:
+        """Every request has arrived (none will join the queue later)."""
+        return self.next_arrival >= len(self.requests)
 
     def may_continue(self) -> bool:
         """Whether another step can follow the current one (requests left after it)."""
@@ -333,8 +338,10 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ----- engine interface ------------------------------------------------------------------------------
-    def next_step(self, now: float):
-        """The step to run now, or None when there is nothing to run until a request arrives."""
+    def form_items(self, now: float) -> list:
+        """Let the batching policy form the work of a step starting at ``now``: the list of
+        ``(request, tokens, is_prefill, kv_before)`` items (empty = nothing to run now). The KV is
+        allocated; timing the step is the caller's business (:meth:`next_step` for one GPU)."""
         self.now = now
         self._take_arrivals(now)
         self._items = []
@@ -345,10 +352,14 @@ class Scheduler:
             self._preempt(self.running[-1])
             self.in_step = set()
             self.policy.schedule(self.builder)
-        items = self._items
+        if not self._items and self.running:
+            raise RuntimeError("serving scheduler stalled with requests running")  # pragma: no cover
+        return self._items
+
+    def next_step(self, now: float):
+        """The step to run now, or None when there is nothing to run until a request arrives."""
+        items = self.form_items(now)
         if not items:
-            if self.running:
-                raise RuntimeError("serving scheduler stalled with requests running")  # pragma: no cover
             return None
         kv = self.kv
         if kv.used > kv.peak:

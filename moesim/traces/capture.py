@@ -516,6 +516,9 @@ def parse_router_output(arch: Architecture, out, num_experts: int, top_k: int):
 # ----------------------------------------------------------------------------------------------
 # hooks
 
+#: Hidden states the speculative next-layer guess (``--spec-next``) may be computed from.
+SPEC_INPUTS = ("residual", "gate_input")
+
 
 def find_routers(model, arch: Architecture, stack: str = "decoder") -> list[tuple[int, str, object]]:
     """``(model layer index, module name, module)`` of each MoE layer's router, in layer order."""
@@ -551,12 +554,22 @@ class RouterHooks:
     ``selection``: ``"auto"`` (the router module's own returned indices where it returns them,
     else reproduced from the logits), ``"logits"`` (always reproduced), ``"module"`` (the module's
     own, an error where it returns none).
+
+    ``spec``: also record Mixtral-offloading's speculative guess of the next MoE layer's experts
+    (:meth:`take_spec`), the next layer's router applied to a hidden state of this layer:
+    ``"residual"`` = the residual stream leaving this decoder layer (after its MoE), passed through
+    the next MoE layer's pre-MoE norm as that router expects; ``"gate_input"`` = the hidden state
+    this layer's own router saw. ``None`` records no guess.
     """
 
     def __init__(self, model, arch: Architecture, config, *, num_experts: int, top_k: int,
-                 stack: str = "decoder", probs: bool = False, selection: str = "auto"):
+                 stack: str = "decoder", probs: bool = False, selection: str = "auto",
+                 spec: str | None = None):
         if selection not in ("auto", "logits", "module"):
             raise ValueError(f"selection must be auto, logits or module, not {selection!r}")
+        if spec not in (None,) + SPEC_INPUTS:
+            raise InputError(f"unknown speculative input {spec!r}; expected one of {', '.join(SPEC_INPUTS)}",
+                             source=WHERE, field="--spec-next")
         self.arch, self.config = arch, config
         self.E, self.K = int(num_experts), int(top_k)
         self.want_probs, self.selection = probs, selection
@@ -573,10 +586,33 @@ class RouterHooks:
         self.used: set[str] = set()
         self._calls: list[list] = [[] for _ in self.routers]
         self._handles = []
+        self.spec = spec
+        self._spec_calls: list[list] = [[] for _ in self.routers]
+        self._spec_src: list = []  # per column but the last: (module whose output is the guess's input, next norm)
+        if spec is not None:
+            if arch.encoder_decoder:
+                raise InputError(
+                    f"--spec-next is not supported for {arch.label} (encoder-decoder); use a decoder-only model",
+                    source=WHERE, field="--spec-next",
+                )
+            mods = dict(model.named_modules())
+            for col in range(len(self.routers) - 1):
+                block = self.names[col].rsplit(".", 2)[0]  # model.layers.<i>
+                nxt = self.names[col + 1].rsplit(".", 2)[0] + ".post_attention_layernorm"
+                if block not in mods or nxt not in mods:
+                    raise InputError(
+                        f"cannot find decoder layer {block} or the next layer's norm {nxt} in this "
+                        f"{arch.label} model; --spec-next needs the usual decoder layout",
+                        source=WHERE, field="--spec-next",
+                    )
+                self._spec_src.append((mods[block], mods[nxt]))
 
     def __enter__(self):
         for col, (_, _, mod) in enumerate(self.routers):
             self._handles.append(mod.register_forward_hook(self._hook(col), with_kwargs=True))
+        if self.spec == "residual":
+            for col, (block, _) in enumerate(self._spec_src):
+                self._handles.append(block.register_forward_hook(self._block_hook(col), with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
@@ -589,8 +625,47 @@ class RouterHooks:
         def hook(module, args, kwargs, out):
             x = args[0] if args else kwargs.get("hidden_states")
             self._calls[col].append(self._record(module, x, out))
+            if self.spec == "gate_input" and col + 1 < len(self.routers):
+                self._spec_calls[col].append(self.guess_next(col, x))
 
         return hook
+
+    def _block_hook(self, col: int):
+        def hook(module, args, kwargs, out):
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            torch, _ = _need_torch()
+            with torch.no_grad():
+                x = self._spec_src[col][1](h)  # the next MoE layer's pre-MoE norm
+            self._spec_calls[col].append(self.guess_next(col, x))
+
+        return hook
+
+    def guess_next(self, col: int, x):
+        """Experts ``[N, K]`` (int64 numpy) that the router of MoE column ``col + 1`` picks for the
+        hidden states ``x`` (``[..., H]``), selected as that architecture's router selects."""
+        torch, _ = _need_torch()
+        mod = self.routers[col + 1][2]
+        with torch.no_grad():
+            logits = router_logits(self.arch, mod, x)
+            idx, _ = select_from_logits(self.arch, mod, self.config, logits.reshape(-1, self.E), self.K)
+        return idx.reshape(-1, self.K).to("cpu", torch.int64).numpy()
+
+    def take_spec(self, n_tokens: int):
+        """The speculative guesses of the forward just run, ``[N, L, K]`` (``-1`` in the last
+        column, which has no next MoE layer)."""
+        L = len(self.routers)
+        out = np.full((n_tokens, L, self.K), -1, dtype=np.int64)
+        for col in range(L - 1):
+            calls = self._spec_calls[col]
+            if len(calls) != 1 or calls[0].shape[0] != n_tokens:
+                raise InputError(
+                    f"speculative guess of column {col} saw {len(calls)} call(s) in a forward over {n_tokens} "
+                    "tokens; expected one",
+                    source=WHERE,
+                )
+            out[:, col] = calls[0]
+            calls.clear()
+        return out
 
     def _record(self, module, x, out):
         torch, _ = _need_torch()
@@ -638,7 +713,7 @@ class RouterHooks:
         return e, w, p
 
     def reset(self) -> None:
-        for c in self._calls:
+        for c in self._calls + self._spec_calls:
             c.clear()
 
 
@@ -687,6 +762,7 @@ def capture_trace(
     selection: str = "auto",
     model_name: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    spec_next: str | None = None,
 ) -> Trace:
     """Run ``prompts`` through ``model`` (greedy, KV cache) and return the routing :class:`Trace`.
 
@@ -694,8 +770,9 @@ def capture_trace(
     token ids. ``max_new_tokens`` tokens are generated per prompt (fewer when EOS comes first,
     unless ``ignore_eos``). ``stack``: Switch Transformers only, ``decoder`` or ``encoder``.
     ``progress`` is called after each prompt with a dict (``i``, ``n``, ``prompt_tokens``,
-    ``new_tokens``, ``rows``, ``seconds``). Meta ``source``/``licence``/``captured_with`` are
-    partly filled; :func:`capture` completes them.
+    ``new_tokens``, ``rows``, ``seconds``). ``spec_next`` (``"residual"`` or ``"gate_input"``,
+    see :class:`RouterHooks`) also records the speculative next-layer guess as ``spec_next``.
+    Meta ``source``/``licence``/``captured_with`` are partly filled; :func:`capture` completes them.
     """
     torch, transformers = _need_torch()
     config = model.config
@@ -726,11 +803,12 @@ def capture_trace(
     except (TypeError, ValueError):  # pragma: no cover
         pass
 
-    rows_e, rows_w, rows_p = [], [], []
+    rows_e, rows_w, rows_p, rows_s = [], [], [], []
     req, tok, stp, ph = [], [], [], []
     step = 0
     t_all = time.perf_counter()
-    with RouterHooks(model, arch, config, num_experts=E, top_k=K, stack=stack, probs=probs, selection=selection) as hooks, torch.no_grad():
+    with RouterHooks(model, arch, config, num_experts=E, top_k=K, stack=stack, probs=probs, selection=selection,
+                     spec=spec_next) as hooks, torch.no_grad():
 
         def record(r: int, positions: Sequence[int], phase: int) -> None:
             nonlocal step
@@ -739,6 +817,8 @@ def capture_trace(
             rows_w.append(w)
             if p is not None:
                 rows_p.append(p)
+            if spec_next is not None:
+                rows_s.append(hooks.take_spec(len(positions)))
             req.append(np.full(len(positions), r, np.int32))
             tok.append(np.asarray(positions, np.int32))
             stp.append(np.full(len(positions), step, np.int32))
@@ -791,7 +871,8 @@ def capture_trace(
         used = sorted(hooks.used)
         layers, names, router_class = hooks.layers, hooks.names, hooks.router_class
 
-    experts = np.concatenate(rows_e).astype(np.int16 if E < 32768 else np.int32)
+    id_dtype = np.int16 if E < 32768 else np.int32
+    experts = np.concatenate(rows_e).astype(id_dtype)
     meta = {
         "format_version": FORMAT_VERSION,
         "model": model_name or getattr(config, "_name_or_path", None) or arch.model_type,
@@ -817,6 +898,15 @@ def capture_trace(
             "seconds": round(time.perf_counter() - t_all, 3),
         },
     }
+    if spec_next is not None:
+        meta["captured_with"]["spec_next_input"] = spec_next
+        meta["captured_with"]["spec_next"] = (
+            "the next MoE layer's router applied to "
+            + ("the residual stream leaving this decoder layer (after its MoE), through the next layer's "
+               "pre-MoE norm" if spec_next == "residual" else "the hidden state this layer's router saw")
+            + ", selected by the architecture's rule; -1 in the last column (Mixtral-offloading's "
+            "speculative expert guess, Eliseev & Mazur 2023, arXiv:2312.17238)"
+        )
     return Trace(
         experts=experts,
         weights=np.concatenate(rows_w).astype(np.float32),
@@ -825,6 +915,7 @@ def capture_trace(
         token=np.concatenate(tok),
         step=np.concatenate(stp),
         phase=np.concatenate(ph),
+        spec_next=np.concatenate(rows_s).astype(id_dtype) if spec_next is not None else None,
         meta=meta,
     )
 
@@ -869,6 +960,7 @@ def capture(
     name: str | None = None,
     licence: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    spec_next: str | None = None,
 ) -> Trace:
     """The ``moesim trace capture`` command: load or build the model, read the prompts, capture,
     fill the provenance meta and save to ``out`` (``.npz`` or a directory). Returns the trace."""
@@ -880,6 +972,9 @@ def capture(
         raise InputError("a config has no weights; add --random-weights (routing of an untrained model) or use --model", source=WHERE, field="--config")
     if tiny and not random_weights:
         raise InputError("--tiny shrinks the model, so its weights cannot be loaded; add --random-weights", source=WHERE, field="--tiny")
+    if spec_next is not None and spec_next not in SPEC_INPUTS:
+        raise InputError(f"unknown speculative input {spec_next!r}; expected one of {', '.join(SPEC_INPUTS)}",
+                         source=WHERE, field="--spec-next")
     if prompts_file is None and not prompts:
         raise InputError("give --prompts FILE (one prompt per line, or .jsonl) or --prompt TEXT", source=WHERE, field="--prompts")
     texts = list(prompts or [])
@@ -932,6 +1027,7 @@ def capture(
     tr = capture_trace(
         mdl, texts, tokenizer=tok, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         probs=probs, stack=stack, ignore_eos=ignore_eos, model_name=name or label, progress=progress,
+        spec_next=spec_next,
     )
     n_req = len(texts)
     tr.meta["source"] = (

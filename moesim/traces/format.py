@@ -27,7 +27,7 @@ from moesim.errors import InputError
 FORMAT_VERSION = 1
 
 #: Array names a trace may hold, in the order they are written.
-ARRAY_NAMES = ("experts", "weights", "probs", "request", "token", "step", "phase")
+ARRAY_NAMES = ("experts", "weights", "probs", "request", "token", "step", "phase", "spec_next")
 
 #: Meta keys with a defined meaning (others are kept as they are).
 META_KEYS = (
@@ -56,7 +56,9 @@ class Trace:
     the highest gate; ``-1`` = no expert). The optional arrays follow DESIGN 3.3: ``weights``
     ``[T, L, K]`` gate weights, ``probs`` ``[T, L, E]`` full router distribution, and per row
     ``request`` / ``token`` (position within the request) / ``step`` (engine step) / ``phase``
-    (0 = prefill, 1 = decode). ``meta`` holds the JSON metadata; ``sha256`` is the hex digest of
+    (0 = prefill, 1 = decode); ``spec_next`` ``[T, L, K]`` the experts the *next* MoE layer's gate
+    picks on this layer's output hidden state (Mixtral-offloading's speculative guess, recorded by
+    ``moesim trace capture --spec-next``; ``-1`` in the last column). ``meta`` holds the JSON metadata; ``sha256`` is the hex digest of
     the bytes the trace was loaded from (``None`` for a trace built in memory).
     """
 
@@ -67,6 +69,7 @@ class Trace:
     token: np.ndarray | None = None
     step: np.ndarray | None = None
     phase: np.ndarray | None = None
+    spec_next: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     sha256: str | None = None
 
@@ -489,6 +492,21 @@ def validate_trace(trace: Trace, source: str | None = None) -> None:
                 raise InputError(
                     "expected finite, non-negative router probabilities", source=src, field="probs"
                 )
+    sn = trace.spec_next
+    if sn is not None:
+        _need_array(sn, "spec_next", src, kinds="iu", shape=(T, L, K), what=f"int16/int32 [T, L, K] = [{T}, {L}, {K}]")
+        n_e = E if E is not None else (trace.probs.shape[2] if trace.probs is not None else None)
+        for a, b in _chunks(T, L * K):
+            c = np.asarray(sn[a:b]).astype(np.int64, copy=False)
+            bad = (c < -1) | ((c >= n_e) if n_e is not None else False)
+            if bad.any():
+                pos = np.argwhere(bad)[0] + (a, 0, 0)
+                raise InputError(
+                    f"expert id {int(c[tuple(pos - (a, 0, 0))])} at {_where(pos)}; expected -1 or an id "
+                    + (f"below {n_e}" if n_e is not None else ">= 0"),
+                    source=src,
+                    field="spec_next",
+                )
     for name in ("request", "token", "step", "phase"):
         a = getattr(trace, name)
         if a is None:
@@ -706,4 +724,15 @@ def check_trace_against_model(
             source=source,
             field="probs",
         )
+    if trace.spec_next is not None:
+        for a, b in _chunks(T, L * trace.top_k):
+            c = np.asarray(trace.spec_next[a:b])
+            if (c >= num_experts).any():
+                pos = np.argwhere(c >= num_experts)[0]
+                raise InputError(
+                    f"expert id {int(c[tuple(pos)])} at {_where(pos + (a, 0, 0))}, but the model has "
+                    f"{num_experts} experts per MoE layer",
+                    source=source,
+                    field="spec_next",
+                )
     return tuple(int(c) for c in cols)

@@ -61,11 +61,24 @@ def test_in_system_time_average_matches_requests_times_mean_latency():
     assert s["serving"]["mean_in_system"] == pytest.approx(n / window * s["serving"]["mean_e2e_s"], rel=1e-9)
 
 
-def test_serving_on_a_cluster_needs_prefill_gpus():
+def test_serving_on_a_cluster_without_prefill_gpus_is_co_located():
+    # no longer refused: co-located serving (moesim.serving.ep_serving, tests/serving/test_ep_serving.py)
+    sc = scenario_from_dict({
+        "name": "x", "model": {"preset": "mixtral-8x7b"}, "hardware": {"preset": "h100-sxm-pcie5"},
+        "cluster": {"preset": "dgx-h100"}, "trace": {"synthetic": {"tokens": 64}},
+        "workload": {"requests": {"arrival": {"kind": "poisson", "rate_per_s": 1.0}, "num_requests": 2}},
+        "policies": {"cache": {"kind": "all_resident"}},
+    })
+    assert sc.parallel.prefill_gpus is None and sc.policies.batching.kind == "continuous"
     with pytest.raises(InputError, match="prefill_gpus"):
-        scenario_from_dict({
-            "name": "x", "model": {"preset": "mixtral-8x7b"}, "hardware": {"preset": "h100-sxm-pcie5"},
-            "cluster": {"preset": "dgx-h100"}, "trace": {"synthetic": {"tokens": 64}},
-            "workload": {"requests": {"arrival": {"kind": "poisson", "rate_per_s": 1.0}, "num_requests": 2}},
-            "policies": {"cache": {"kind": "all_resident"}},
-        })
+        simulate(scenario_from_dict({**_scenario().model_dump(mode="json"),
+                                     "parallel": {"prefill_gpus": 8}}))
+
+
+@pytest.mark.parametrize("extra", [{"attention_gpus": 2}, {"elastic": {"start_gpus": 6, "at_step": 2}}])
+def test_prefill_gpus_with_afd_or_elastic_is_refused_in_one_line(extra):
+    sc = scenario_from_dict({**_scenario().model_dump(mode="json"), "parallel": {"prefill_gpus": 4, **extra}})
+    with pytest.raises(InputError, match=r"parallel\.(attention_gpus|elastic): is not modelled together "
+                                         r"with parallel\.prefill_gpus") as ei:
+        simulate(sc)
+    assert "\n" not in str(ei.value)

@@ -114,9 +114,10 @@ def test_old_scenarios_keep_their_hash_and_serving_blocks_are_validated():
     assert "batching" not in d["policies"] and "requests" not in d["workload"]
     with pytest.raises(InputError, match="batching needs workload.requests"):
         load_scenario(ROOT / "scenarios" / "mixtral-8x7b-h100-lru-c96.yaml", ["policies.batching.kind=static"])
-    with pytest.raises(InputError, match="needs parallel.prefill_gpus"):
-        load_scenario(ROOT / "scenarios" / "mixtral-8x22b-ep8-direct.yaml",
-                      ["workload.requests={arrival: {kind: poisson, rate_per_s: 1}, num_requests: 2}"])
+    # a cluster with requests is co-located serving now (moesim.serving.ep_serving), no longer refused
+    ep = load_scenario(ROOT / "scenarios" / "mixtral-8x22b-ep8-direct.yaml",
+                       ["workload.requests={arrival: {kind: poisson, rate_per_s: 1}, num_requests: 2}"])
+    assert ep.parallel.prefill_gpus is None and "cluster_table_tokens" not in resolved_dict(ep)["workload"]["requests"]
     sv = load_scenario(ROOT / "scenarios" / "mixtral-8x7b-h100-lru-c96.yaml",
                        ["workload.requests={arrival: {kind: poisson, rate_per_s: 1}, num_requests: 2}"])
     assert sv.policies.batching.kind == "continuous"  # the default batching of a serving run

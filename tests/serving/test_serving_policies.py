@@ -24,6 +24,12 @@ def test_bundled_scenario_serves_requests(path):
         with pytest.raises(InputError, match="whole future"):
             simulate(sc)
         return
+    from moesim.engine.throughput import is_throughput
+
+    if is_throughput(sc):  # offline batch systems (MoE-Lightning, Klotski, MoE-Gen): no request arrivals
+        with pytest.raises(InputError, match="workload.requests"):
+            simulate(sc)
+        return
     s = simulate(sc).summary
     sv = s["serving"]
     assert sv["finished_requests"] == 4

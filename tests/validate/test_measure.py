@@ -28,7 +28,7 @@ def test_cpu_run_skips_cuda_parts_with_a_note(tmp_path, capsys):
     for part in CUDA_PARTS:
         assert f"part '{part}' needs a CUDA device" in out
     files = {p.name for p in (tmp_path / "m").iterdir()}
-    assert files == {"env.json", "expert_cpu.json"}
+    assert files == {"env.json", "expert_cpu.json", "attention.json"}  # attention runs on the CPU too
     env = json.loads((tmp_path / "m" / "env.json").read_text())
     assert {s["part"] for s in env["skipped_parts"]} >= set(CUDA_PARTS)
     assert env["_meta"]["smoke"] is True and env["cpu_model"] and env["os_cpu_count"] >= 1
@@ -42,7 +42,8 @@ def test_cpu_run_skips_cuda_parts_with_a_note(tmp_path, capsys):
 
 def test_emulated_cuda_paths_write_the_reference_layout(emulated):
     out, res = emulated
-    assert {p.name for p in out.iterdir()} == {"env.json", "link.json", "expert_gpu.json", "expert_cpu.json"}
+    assert {p.name for p in out.iterdir()} == {"env.json", "link.json", "expert_gpu.json", "expert_cpu.json",
+                                               "attention.json"}
     assert res["skipped"] == [] and res["format_problems"] == []
     link = json.loads((out / "link.json").read_text())
     assert link["_meta"]["emulated"] is True
@@ -97,6 +98,7 @@ def test_suite_quick_on_cpu_packs_everything(tmp_path):
     s = run_suite(tmp_path / "suite", device="cpu", quick=True, tar=tmp_path / "suite.tgz")
     assert [st["ok"] for st in s["stages"]] == [True, True, True]
     names = tarfile.open(tmp_path / "suite.tgz").getnames()
-    for want in ("suite/suite.json", "suite/measurements/env.json", "suite/e2e/mixtral-tiny-lru-c6/e2e.json",
+    for want in ("suite/suite.json", "suite/measurements/env.json", "suite/measurements/attention.json",
+                 "suite/e2e/mixtral-tiny-lru-c6/e2e.json",
                  "suite/e2e/mixtral-tiny-fiddler-c6/scenario.yaml"):
         assert want in names

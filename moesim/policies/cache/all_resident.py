@@ -33,10 +33,13 @@ class AllResident(CachePolicy):
 
     def _build_pools(self) -> None:
         total = self.slots_total()
-        pool = Pool(0, total * self.expert_bytes)
+        first = min(self.config.cpu_moe_layers, self.setup.num_columns) * self.E
+        if self.setup.key_bytes is None:
+            pool = Pool(0, total * self.expert_bytes)
+        else:  # heterogeneous experts: exactly the bytes of the resident ones
+            pool = Pool(0, sum(self.size_of(k) for k in range(first, first + total)))
         self.pools = [pool]
         self.pool_of_column = [pool] * self.setup.num_columns
-        first = min(self.config.cpu_moe_layers, self.setup.num_columns) * self.E
         for key in range(first, first + total):
             self._insert(pool, key, -1)
 

@@ -48,7 +48,10 @@ class Arc(CachePolicy):
     * A miss that ends up streamed (no unprotected victim) keeps its adaptation of ``p`` and
       stays where it was in the ghost lists.
     * Warm-started experts enter T1 (the first listed least recent) without touching ``p``.
+    * ARC's lists count slots, so it refuses experts of different sizes (``byte_sized``).
     """
+
+    byte_sized = False
 
     class Config(CacheConfig):
         """ARC: capacity in expert slots or GiB, global or per-layer pools (one ARC per pool)."""

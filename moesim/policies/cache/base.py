@@ -76,6 +76,9 @@ class CacheSetup:
     experts: object = None  # trace experts [T, L, K] (rows in execution order)
     weights: object = None  # trace gate weights [T, L, K] or None
     batch_size: int = 1
+    #: heterogeneous experts: bytes of each key (``column * num_experts + expert``), or None when
+    #: every expert has ``expert_bytes`` (see :mod:`moesim.models.expert_sizes`)
+    key_bytes: object = None
 
     def step_of(self, t: int) -> tuple[int, int]:
         """``(step, column)`` of access clock ``t``."""
@@ -126,9 +129,15 @@ class AccessResult:
 
 
 class CachePolicy(Policy):
-    """Base of cache policies: pools, capacity, warm start and the shared accounting."""
+    """Base of cache policies: pools, capacity, warm start and the shared accounting.
+
+    With heterogeneous experts (``CacheSetup.key_bytes``) a pool's bytes are its slots times the
+    bytes of an expert of multiplier 1 (``capacity_experts``) or the budget (``capacity_gib``), and
+    experts of every size share it: a miss evicts until its own bytes fit."""
 
     family = "cache"
+    #: whether the policy's bookkeeping works in bytes (False: it counts slots, e.g. ARC's lists)
+    byte_sized: bool = True
 
     def __init__(self, config, setup: CacheSetup):
         super().__init__(config)
@@ -139,6 +148,14 @@ class CachePolicy(Policy):
         self.pool_of_column: list[Pool] = []
         self.resident: dict[int, Pool] = {}
         self.key_bytes: dict[int, int] = {}  # bytes of each resident copy (precision variants differ)
+        self._sizes = setup.key_bytes  # per-key bytes of heterogeneous experts, or None
+        if self._sizes is not None and not self.byte_sized:
+            raise InputError(
+                f"{config.kind} counts expert slots, so it cannot share a pool between experts of different "
+                "sizes (model.expert_size_multipliers / a sized routing policy); use lru, lfu, fifo, belady or "
+                "another byte-sized policy",
+                source=setup.source, field="policies.cache.kind",
+            )
         self._build_pools()
 
     # ----- capacity -----------------------------------------------------------------------------
@@ -191,12 +208,11 @@ class CachePolicy(Policy):
             if self.config.scope == "per_layer":
                 for col in range(s.num_columns):
                     pool = self.pool_of_column[col]
-                    for e in range(min(self.E, pool.capacity_bytes // self.expert_bytes)):
-                        self._insert(pool, col * self.E + e, -1)
+                    for key in self._fitting(pool, range(col * self.E, (col + 1) * self.E)):
+                        self._insert(pool, key, -1)
             else:
                 pool = self.pools[0]
-                n = min(pool.capacity_bytes // self.expert_bytes, s.num_columns * self.E)
-                for key in range(n):
+                for key in self._fitting(pool, range(s.num_columns * self.E)):
                     self._insert(pool, key, -1)
             return
         if ws == "popular":
@@ -244,21 +260,35 @@ class CachePolicy(Policy):
         if self.config.scope == "per_layer":
             for c in range(s.num_columns):
                 pool = self.pool_of_column[c]
-                n = min(self.E, pool.capacity_bytes // self.expert_bytes)
-                top = np.argsort(-counts[c], kind="stable")[:n]
-                for e in top[::-1]:  # least used first = least recent
-                    self._insert(pool, c * self.E + int(e), -1)
+                order = np.argsort(-counts[c], kind="stable")
+                top = self._fitting(pool, (c * self.E + int(e) for e in order))
+                for key in top[::-1]:  # least used first = least recent
+                    self._insert(pool, key, -1)
         else:
             pool = self.pools[0]
-            n = min(flat.size, pool.capacity_bytes // self.expert_bytes)
-            top = np.argsort(-flat, kind="stable")[:n]
+            top = self._fitting(pool, (int(k) for k in np.argsort(-flat, kind="stable")))
             for key in top[::-1]:
-                self._insert(pool, int(key), -1)
+                self._insert(pool, key, -1)
+
+    def _fitting(self, pool: Pool, keys) -> list:
+        """The longest prefix of ``keys`` whose sizes fit in ``pool``'s free bytes (uniform experts:
+        the first ``free // expert_bytes``)."""
+        out = []
+        room = pool.capacity_bytes - pool.used_bytes
+        for key in keys:
+            b = self.size_of(key)
+            if b > room:
+                break
+            room -= b
+            out.append(key)
+        return out
 
     # ----- hooks for subclasses -----------------------------------------------------------------
     def size_of(self, key: int) -> int:
-        """Bytes one cached copy of ``key`` takes (uniform experts by default)."""
-        return self.expert_bytes
+        """Bytes one cached copy of ``key`` takes: ``expert_bytes``, or the key's own bytes with
+        heterogeneous experts."""
+        sz = self._sizes
+        return self.expert_bytes if sz is None else sz[key]
 
     def admit(self, pool: Pool, key: int, t: int) -> bool:
         """Whether a missed ``key`` may enter the cache (False = stream it)."""

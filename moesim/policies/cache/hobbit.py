@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from moesim.policies.cache.base import CacheConfig, CachePolicy, Pool
@@ -30,6 +31,10 @@ class Hobbit(CachePolicy):
     recently used. The engine has a single precision per run today, so every cached copy scores
     ``precision = 1`` and ``w_precision`` shifts all scores alike (the field is kept for when mixed
     precision copies share a pool).
+
+    The per-key state lives in numpy arrays and a victim is chosen with a few vector operations
+    over the pool (no Python loop over resident experts), with the same decisions as scanning the
+    pool in recency order: scores are bit-identical and ties go to the least recently used.
     """
 
     class Config(CacheConfig):
@@ -42,9 +47,16 @@ class Hobbit(CachePolicy):
         w_precision: float = Field(default=1.0, ge=0.0)
 
     def __init__(self, config, setup):
-        self.last: dict[int, int] = {}
-        self.uses: dict[int, int] = {}
-        self.precision: dict[int, float] = {}
+        n = setup.num_columns * setup.num_experts
+        # state per key (column * E + expert) in numpy arrays, so that choosing a victim is a few
+        # vector operations over the pool instead of a Python loop (large capacities)
+        self._last = np.full(n, -1, dtype=np.int64)  # access clock of the last hit or insert
+        self._uses = np.zeros(n, dtype=np.int64)  # accesses over the run
+        self._prec = np.ones(n)  # precision score of the cached copy: 1 high, 0 low
+        self._seq = np.zeros(n, dtype=np.int64)  # order of the last hit or insert (recency)
+        self._in = np.zeros(n, dtype=bool)  # resident
+        self._tick = 0
+        self._prox: dict = {}  # current column -> proximity of every column
         self._now = 0
         self._col = 0
         super().__init__(config, setup)
@@ -54,43 +66,72 @@ class Hobbit(CachePolicy):
         self._now = t
         self._col = column
         base = column * self.E
-        u = self.uses
         for e in experts:
-            u[base + e] = u.get(base + e, 0) + 1
+            self._uses[base + e] += 1
         return super().access(column, experts, t, sizes)
 
-    def scores(self, pool: Pool, protect) -> dict:
-        """Keep-score of every unprotected resident key of ``pool``."""
+    def _candidates(self, pool: Pool, protect) -> np.ndarray:
+        """Unprotected resident keys of ``pool`` (ascending key order)."""
+        if self.config.scope == "per_layer":
+            lo = pool.index * self.E
+            mask = self._in[lo : lo + self.E].copy()
+            off = lo
+        else:
+            mask = self._in.copy()
+            off = 0
+        if protect:
+            p = np.fromiter(protect, dtype=np.int64, count=len(protect)) - off
+            mask[p[(p >= 0) & (p < mask.size)]] = False
+        return np.flatnonzero(mask) + off
+
+    def _keep_scores(self, keys: np.ndarray) -> np.ndarray:
+        """Keep-scores of ``keys``: the documented formula, with the same float operations in the
+        same order as a scalar evaluation, so the values are bit-identical to it."""
         c = self.config
-        cands = [k for k in pool.order if k not in protect]
-        if not cands:
+        uses = self._uses[keys]
+        maxu = int(uses.max()) or 1
+        prox = self._prox.get(self._col)
+        if prox is None:
+            L = self.setup.num_columns
+            prox = self._prox[self._col] = np.array([layer_proximity(x, self._col, L) for x in range(L)])
+        return (
+            c.w_recency * (self._last[keys] + 1) / (self._now + 1)
+            + c.w_frequency * uses / maxu
+            + c.w_layer * prox[keys // self.E]
+            + c.w_precision * self._prec[keys]
+        )
+
+    def scores(self, pool: Pool, protect) -> dict:
+        """Keep-score of every unprotected resident key of ``pool``, least recent first."""
+        keys = self._candidates(pool, protect)
+        if len(keys) == 0:
             return {}
-        maxu = max(self.uses.get(k, 0) for k in cands) or 1
-        now1 = self._now + 1
-        L = self.setup.num_columns
-        out = {}
-        for k in cands:
-            out[k] = (
-                c.w_recency * (self.last.get(k, -1) + 1) / now1
-                + c.w_frequency * self.uses.get(k, 0) / maxu
-                + c.w_layer * layer_proximity(k // self.E, self._col, L)
-                + c.w_precision * self.precision.get(k, 1.0)
-            )
-        return out
+        keys = keys[np.argsort(self._seq[keys], kind="stable")]
+        return dict(zip(keys.tolist(), self._keep_scores(keys).tolist()))
+
+    def _touch(self, key: int, t: int) -> None:
+        self._last[key] = t
+        self._tick += 1
+        self._seq[key] = self._tick
 
     def _on_hit(self, pool: Pool, key: int, t: int) -> None:
-        self.last[key] = t
+        self._touch(key, t)
         del pool.order[key]
         pool.order[key] = None
 
     def _on_insert(self, pool: Pool, key: int, t: int) -> None:
-        self.last[key] = t
-        self.precision[key] = 1.0  # one precision per run in today's engine
+        self._touch(key, t)
+        self._in[key] = True
+        self._prec[key] = 1.0  # one precision per run in today's engine
+
+    def _on_evict(self, pool: Pool, key: int) -> None:
+        self._in[key] = False
 
     def _victim(self, pool: Pool, protect) -> int | None:
-        best = None
-        best_s = None
-        for k, s in self.scores(pool, protect).items():  # least recent first; strict < on ties
-            if best_s is None or s < best_s:
-                best, best_s = k, s
-        return best
+        """The lowest keep-score; among equal scores the least recently used."""
+        keys = self._candidates(pool, protect)
+        if len(keys) == 0:
+            return None
+        sc = self._keep_scores(keys)
+        tied = keys[sc == sc.min()]
+        return int(tied[np.argmin(self._seq[tied])])

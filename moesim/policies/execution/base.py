@@ -33,3 +33,26 @@ class ExecutionPolicy(Policy):
         """Experts of ``(step, column)`` to run on the CPU; ``is_resident(e)`` tells whether expert
         ``e`` of this layer is in GPU memory now (the cache is not changed by asking)."""
         return set()
+
+    # ----- optional hooks (DAOP); the defaults do nothing -----------------------------------------
+    #: the engine runs CPU experts through moesim.perf.cpu's worker scheduler even with the
+    #: aggregate CPU settings (a policy that starts CPU work early needs it)
+    needs_cpu_scheduler = False
+
+    def bind_seed(self, seed: int) -> None:
+        """Told once before the run: the scenario seed (for policies that draw at random)."""
+
+    def migrations(self, column: int, is_resident) -> list:
+        """Asked before :meth:`split` at every ``(step, column)``: ``[(cpu_expert, gpu_expert)]``
+        pairs to swap now (the first is copied to the GPU into the second's slot)."""
+        return []
+
+    def precalc(self, column: int, cpu_set: set, counts: dict) -> tuple[set, list]:
+        """CPU experts of ``(step, column)`` whose work started with the previous layer's hidden
+        state (predicted one layer ahead), and the token counts of wrong guesses computed for
+        nothing. Default: none."""
+        return set(), []
+
+    def report(self, counters: dict) -> dict:
+        """Policy-specific figures for summary.json's ``execution`` block."""
+        return {}

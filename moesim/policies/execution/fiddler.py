@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moesim.policies.base import PolicyConfig
 from moesim.policies.execution.base import ExecutionPolicy
+from moesim.policies.execution.cpu_options import CpuExecConfig
 
 
 class Fiddler(ExecutionPolicy):
@@ -23,7 +23,7 @@ class Fiddler(ExecutionPolicy):
     uses_cpu = True
     cpu_blocks_host = True
 
-    class Config(PolicyConfig):
+    class Config(CpuExecConfig):
         """Missing experts on the CPU (up to ``max_cpu_tokens`` tokens each; more: load them)."""
 
         kind: Literal["fiddler"] = "fiddler"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moesim.policies.base import PolicyConfig
 from moesim.policies.execution.base import ExecutionPolicy
+from moesim.policies.execution.cpu_options import CpuExecConfig
 
 
 def plan_layer(hit_loads, miss_loads, gpu_t, cpu_t, copy_s, act_s=0.0):
@@ -64,7 +64,7 @@ class HybriMoE(ExecutionPolicy):
     uses_cpu = True
     cpu_blocks_host = False
 
-    class Config(PolicyConfig):
+    class Config(CpuExecConfig):
         """Greedy per-layer split of missing experts between the link and the CPU."""
 
         kind: Literal["hybrimoe"] = "hybrimoe"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moesim.policies.base import PolicyConfig
 from moesim.policies.execution.base import ExecutionPolicy
+from moesim.policies.execution.cpu_options import CpuExecConfig
 
 
 class KTransformers(ExecutionPolicy):
@@ -19,7 +19,7 @@ class KTransformers(ExecutionPolicy):
     uses_cpu = True
     cpu_blocks_host = False
 
-    class Config(PolicyConfig):
+    class Config(CpuExecConfig):
         """All routed experts on the CPU."""
 
         kind: Literal["ktransformers"] = "ktransformers"

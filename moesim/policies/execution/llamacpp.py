@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moesim.policies.base import PolicyConfig
 from moesim.policies.execution.base import ExecutionPolicy
+from moesim.policies.execution.cpu_options import CpuExecConfig
 
 
 class LlamaCpp(ExecutionPolicy):
@@ -21,7 +21,7 @@ class LlamaCpp(ExecutionPolicy):
     uses_cpu = True
     cpu_blocks_host = True
 
-    class Config(PolicyConfig):
+    class Config(CpuExecConfig):
         """Non-resident experts run on the CPU backend."""
 
         kind: Literal["llamacpp"] = "llamacpp"

@@ -24,7 +24,8 @@ class Hobbit(PrecisionPolicy):
         """Gate-weight thresholds for low-precision loads and skips."""
 
         kind: Literal["hobbit"] = "hobbit"
-        low_dtype: Literal["int8", "fp8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k"] = "int4"
+        low_dtype: Literal["int8", "fp8", "int4", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "q2_k", "hqq3",
+                           "hqq2", "tq2_0", "tq1_0"] = "int4"
         low_threshold: float = Field(default=0.4, ge=0.0, le=1.0)
         skip_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
 

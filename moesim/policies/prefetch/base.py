@@ -30,10 +30,18 @@ class PrefetchSetup:
     batch_size: int
     seed: int
     source: str = "scenario"
+    trace: object = None  # the replayed Trace (its optional probs, request, spec_next arrays)
 
     def true_row(self, step: int, column: int) -> list:
         """The distinct experts ``(step, column)`` really uses (the future, for oracles)."""
         return self.plan.row(step, self.col_src[column])[0]
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Trace row indices of the tokens of ``step``, in batch order (a looped replay wraps)."""
+        if hasattr(self.plan, "step_rows"):  # a serving run: the scheduler formed the step
+            return np.asarray(self.plan.step_rows(step), dtype=np.int64)
+        B = self.batch_size
+        return np.arange(step * B, step * B + B, dtype=np.int64) % self.experts.shape[0]
 
 
 class PrefetchPolicy(Policy):

@@ -26,6 +26,12 @@ class RoutingResult:
     weights: np.ndarray | None
     stats: dict = field(default_factory=dict)
     note: str = ""
+    #: heterogeneous experts: ``[trace columns, E]`` FFN-width multipliers the engines use for
+    #: bytes, cache room and kernel time (see :mod:`moesim.models.expert_sizes`); None = the model's
+    size_multipliers: np.ndarray | None = None
+    #: when the transform reorders or repeats rows: the source row of each output row (the trace's
+    #: per-row arrays follow it), else None
+    rows: np.ndarray | None = None
 
 
 class RoutingPolicy(Policy):
@@ -33,8 +39,9 @@ class RoutingPolicy(Policy):
 
     family = "routing"
     #: extra keyword inputs ``transform`` accepts beyond experts and weights: ``probs`` (the
-    #: trace's router distribution [T, L, E], None when it has none) and ``expert_bytes`` (bytes
-    #: of one routed expert). :meth:`transform_trace` passes exactly these.
+    #: trace's router distribution [T, L, E], None when it has none), ``expert_bytes`` (bytes
+    #: of one routed expert), ``request`` (the trace's request id per row, or None) and
+    #: ``expert_params`` (parameters of one routed expert). :meth:`transform_trace` passes exactly these.
     extra_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, setup=None):
@@ -45,7 +52,8 @@ class RoutingPolicy(Policy):
         """The routing this variant replays (``experts`` [T, L, K], -1 = none)."""
         return RoutingResult(experts, weights)
 
-    def transform_trace(self, trace, *, num_experts: int, seed: int, expert_bytes: int | None = None) -> RoutingResult:
+    def transform_trace(self, trace, *, num_experts: int, seed: int, expert_bytes: int | None = None,
+                        expert_params: int | None = None) -> RoutingResult:
         """:meth:`transform` of a :class:`~moesim.traces.format.Trace`, passing the trace's
         ``probs`` (and ``expert_bytes``) to the policies that use them (``extra_inputs``)."""
         extra = {}
@@ -53,6 +61,10 @@ class RoutingPolicy(Policy):
             extra["probs"] = None if trace.probs is None else np.asarray(trace.probs)
         if "expert_bytes" in self.extra_inputs:
             extra["expert_bytes"] = expert_bytes
+        if "request" in self.extra_inputs:
+            extra["request"] = None if trace.request is None else np.asarray(trace.request)
+        if "expert_params" in self.extra_inputs:
+            extra["expert_params"] = expert_params
         return self.transform(
             np.asarray(trace.experts), None if trace.weights is None else np.asarray(trace.weights),
             num_experts=num_experts, seed=seed, **extra,

@@ -32,17 +32,21 @@ def size_map(experts: np.ndarray, multipliers, num_experts: int, assign: str) ->
 
 class HMoE(RoutingPolicy):
     """HMoE (Wang et al. 2024, arXiv:2408.10681, "Heterogeneous Mixture of Experts") gives experts
-    different sizes (FFN widths) and trains the router to favour small experts. moesim's engine
-    loads, caches and computes every routed expert at the model's one ``expert_bytes``, so this
-    kind does NOT change the simulated run: the routing is replayed unchanged, and it reports what
-    the sizes would do to the replayed routing. ``expert_size_multipliers`` (one per expert, the
-    expert's FFN width over ``model.moe_intermediate_size``; bytes and FLOPs of an expert scale with
-    it) are assigned to experts as listed or by each layer's routing frequency. Reported per size
-    class: experts, share of expert memory, routed choices, gate mass and expert compute; and the
-    ratios to the homogeneous model of the trace: total expert memory (mean multiplier) and expert
-    FLOPs per routed choice (which is also the ratio of bytes loaded when every routed choice is a
-    load, e.g. streaming at batch 1). A real HMoE router would route differently (more to small
-    experts); the trace's routing is the homogeneous model's."""
+    different sizes (FFN widths) and trains the router to favour small experts.
+    ``expert_size_multipliers`` (one per expert, the expert's FFN width over
+    ``model.moe_intermediate_size``) are assigned to each layer's experts as listed or by the
+    layer's routing frequency (``popular_small``: the most routed experts get the smallest sizes,
+    standing in for HMoE's trained preference, which a homogeneous model's trace does not show).
+    The engines use these sizes (see :mod:`moesim.models.expert_sizes`): a load moves the expert's
+    own bytes, experts of all sizes share the cache pools by bytes, and an expert's kernel time
+    scales its FLOPs and weight bytes; the expert-parallel engine's per-GPU expert compute and
+    placement memory likewise. ``report_only: true`` keeps the old behaviour (every expert at the
+    model's one size in the run; only the report). Reported per size class: experts, share of expert
+    memory, routed choices, gate mass and expert compute; and the ratios to the homogeneous model:
+    total expert memory (mean multiplier) and expert FLOPs per routed choice (also the ratio of bytes
+    loaded when every routed choice is a load, e.g. streaming at batch 1). Left open by the paper
+    and chosen here: the assignment of sizes to a trace's experts. The routing replayed is the
+    trace's (a real HMoE router would send more tokens to small experts)."""
 
     extra_inputs = ("expert_bytes",)
 
@@ -54,6 +58,7 @@ class HMoE(RoutingPolicy):
             min_length=1, description="one per expert: FFN width over model.moe_intermediate_size"
         )
         assign: Literal["listed", "popular_small", "popular_large"] = "listed"
+        report_only: bool = Field(default=False, description="true: the run keeps one expert size")
 
     def transform(self, experts, weights, *, num_experts, seed, expert_bytes=None):
         cfg = self.config
@@ -97,7 +102,7 @@ class HMoE(RoutingPolicy):
             classes.append(row)
         compute_ratio = tot_compute / n_real if n_real else 0.0
         stats = {
-            "simulated": False,
+            "simulated": not cfg.report_only,
             "assign": cfg.assign,
             "size_classes": classes,
             "expert_memory_ratio": tot_mem / (L * num_experts),
@@ -107,11 +112,14 @@ class HMoE(RoutingPolicy):
         }
         if expert_bytes:
             stats["expert_bytes_total"] = int(round(tot_mem * int(expert_bytes)))
-        note = (
-            f"HMoE heterogeneous expert sizes (multipliers {', '.join(f'{x:g}' for x in sorted(set(mult)))}, "
-            f"assigned {cfg.assign}): REPORT ONLY, the run still loads, caches and computes every expert at the "
-            f"model's one size and replays the routing unchanged; on this routing the sizes would make expert "
-            f"memory x{stats['expert_memory_ratio']:.3f} and expert FLOPs (and bytes of a load per routed choice) "
-            f"x{compute_ratio:.3f} of the homogeneous model's"
-        )
-        return RoutingResult(ex, weights, stats, note)
+        head = (f"HMoE heterogeneous expert sizes (multipliers {', '.join(f'{x:g}' for x in sorted(set(mult)))}, "
+                f"assigned {cfg.assign})")
+        ratios = (f"expert memory x{stats['expert_memory_ratio']:.3f} and expert FLOPs (and bytes of a load per "
+                  f"routed choice) x{compute_ratio:.3f} of the homogeneous model's")
+        if cfg.report_only:
+            note = (f"{head}: REPORT ONLY, the run still loads, caches and computes every expert at the model's one "
+                    f"size and replays the routing unchanged; on this routing the sizes would make {ratios}")
+            return RoutingResult(ex, weights, stats, note)
+        note = (f"{head}: loads, cache room and kernel times use each expert's size; on this routing the sizes "
+                f"make {ratios}; the routing is the trace's (HMoE's router would favour small experts more)")
+        return RoutingResult(ex, weights, stats, note, size_multipliers=sm)

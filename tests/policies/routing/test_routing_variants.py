@@ -285,7 +285,8 @@ def test_hmoe_reports_per_size_class_and_leaves_routing_unchanged():
     res = pol.transform(ex, w, num_experts=8, seed=0, expert_bytes=1 << 20)
     assert res.experts is ex
     s = res.stats
-    assert s["simulated"] is False and s["expert_memory_ratio"] == pytest.approx(1.0)
+    assert s["simulated"] is True and s["expert_memory_ratio"] == pytest.approx(1.0)
+    assert np.array_equal(res.size_multipliers, np.broadcast_to(MULT, (ex.shape[1], 8)))
     m = np.asarray(MULT)[ex.astype(int)]
     assert s["expert_compute_ratio_per_choice"] == pytest.approx(m.mean())
     for key in ("memory_share", "routed_share", "gate_mass_share", "compute_share"):
@@ -303,8 +304,9 @@ def test_hmoe_reports_per_size_class_and_leaves_routing_unchanged():
         HMoE(HMoE.Config(expert_size_multipliers=[1.0, 2.0])).transform(ex, w, num_experts=8, seed=0)
 
 
-def test_hmoe_run_is_the_plain_run_plus_a_report():
+def test_hmoe_report_only_run_is_the_plain_run_plus_a_report():
     plain = simulate(load_scenario(LRU, SHORT)).summary
-    het = simulate(load_scenario(ROOT / "scenarios" / "mixtral-8x7b-h100-lru-c96-hmoe.yaml", SHORT)).summary
+    het = simulate(load_scenario(ROOT / "scenarios" / "mixtral-8x7b-h100-lru-c96-hmoe.yaml",
+                                 [*SHORT, "policies.routing.report_only=true"])).summary
     assert het["transfers"] == plain["transfers"] and het["tpot_ms"] == plain["tpot_ms"]
     assert het["routing"]["policy"] == "hmoe" and "REPORT ONLY" in het["routing_note"]
