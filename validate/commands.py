@@ -123,8 +123,12 @@ def register(app: typer.Typer) -> None:
         f = res["fitted"]
         typer.echo(f"link       H2D {f['link.h2d_bandwidth_gb_s']} GB/s, D2H {f['link.d2h_bandwidth_gb_s']} GB/s, "
                    f"setup {f['link.setup_us']} us, both ways x{f['link.bidirectional_derate']}")
-        typer.echo(f"host       launch {f['host.launch_us']} us, graph {f['host.graph_launch_us']} us, copy issue "
-                   f"{f['host.copy_issue_us']} us, router read-back {f['host.router_readback_us']} us")
+        typer.echo(f"host       launch {f['host.launch_us']} us, eager op {f['host.eager_op_us']} us, graph "
+                   f"{f['host.graph_launch_us']} us, copy issue {f['host.copy_issue_us']} us, router read-back "
+                   f"{f['host.router_readback_us']} us")
+        typer.echo(f"cpu        call {f['cpu.call_overhead_us']} us, DRAM {f['cpu.dram_bandwidth_gb_s']} GB/s per weight "
+                   f"pass, bf16 passes {f['cpu.weight_passes.bf16']}, compute eff {f['cpu.compute_efficiency']} "
+                   "(added to streaming)")
         typer.echo(f"gpu        memory eff {f['gpu.memory_efficiency']}, compute eff {f['gpu.compute_efficiency']}, "
                    f"kernel fixed {f['gpu.kernel_fixed_us']} us, copy interference x"
                    f"{f['gpu.copy_interference.memory_bound_slowdown']} (memory-bound)")

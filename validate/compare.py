@@ -10,13 +10,15 @@ component:
   fitted efficiencies and per-kernel fixed time), vs ``expert_gpu.json`` ``graph_us``;
 * ``expert_gpu_eager``: the same calls enqueued eagerly back to back, the engine's launch closed
   form (``moesim.engine.single_gpu``: ``end = max(start + G, h0 + n*lam + G/n)``, first kernel after
-  one launch) for 5 kernels at ``host.launch_us`` with G the roofline time, iterated over a chain of
-  calls as the engine would; the steady-state time per call vs ``eager_us``;
+  one launch) for 5 kernels at the host's per-op cost (``host.eager_op_us``, else ``launch_us``)
+  with G the roofline time, iterated over a chain of calls as the engine would; the steady-state
+  time per call vs ``eager_us``;
 * ``h2d_pinned`` / ``d2h_pinned`` / ``h2d_pageable`` / ``d2h_pageable``: copy times by size from
   :class:`moesim.hardware.links.LinkModel` vs ``link.json`` event-time medians;
 * ``h2d_expert_series``: 352,321,536-byte (one Mixtral expert) back-to-back pinned copies;
-* ``cpu_expert_bf16`` / ``cpu_expert_fp32``: the predictor's CPU roofline (``cpu_expert_profile``
-  disabled) vs ``expert_cpu.json``.
+* ``cpu_expert_bf16`` / ``cpu_expert_fp32``: the predictor's CPU model (``cpu_expert_profile``
+  disabled: call overhead + weight passes over DRAM + arithmetic, see
+  :func:`moesim.hardware.fit.fit_cpu_expert`) vs ``expert_cpu.json``.
 
 Some parameters were fitted on this same data (:mod:`moesim.hardware.fit`); those rows are marked
 ``in_sample`` and their low error is a consistency check of the fit, not a validation.
@@ -34,7 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.hardware.fit import MEAS_REL, MEMORY_BOUND_MAX_TOKENS, load_measurements
+from moesim.hardware.fit import (
+    CPU_FIT_SHAPE,
+    EAGER_FIT_SHAPES,
+    MEAS_REL,
+    MEMORY_BOUND_MAX_TOKENS,
+    cpu_fit_in_sample,
+    eager_fit_shapes,
+    load_measurements,
+)
 from moesim.hardware.links import LinkModel
 from moesim.hardware.presets import load_hardware_preset
 from moesim.hardware.spec import HardwareSpec
@@ -63,10 +73,13 @@ COMPONENTS: dict[str, dict] = {
     "expert_gpu_eager": {
         "title": "GPU expert time (eager, back to back), engine launch closed form",
         "unit": "us",
-        "model": "engine closed form end = max(start + G, h0 + n*lam + G/n), n = 5 kernels, lam = host.launch_us, "
-                 "G = roofline graph time; steady-state time per call of a chain of calls",
-        "in_sample": "host.launch_us comes from separate host-overhead measurements (env.json); G carries "
-                     "the graph fit, so the <= 16-token rows are partly in-sample",
+        "model": "engine closed form end = max(start + G, h0 + n*lam + G/n), n = 5 kernels, lam = "
+                 "host.eager_op_us (the host's cost per op of an eager call: Python, dispatcher, output "
+                 "allocation, launch), G = roofline graph time; steady-state time per call of a chain of calls",
+        "in_sample": f"host.eager_op_us was fitted to the launch-bound eager rows of {' and '.join(EAGER_FIT_SHAPES)} "
+                     "(all their rows in-sample); G carries the graph fit, so every <= "
+                     f"{MEMORY_BOUND_MAX_TOKENS}-token row is in-sample too; the out-of-sample rows are the other "
+                     "shapes' larger token counts",
     },
     "h2d_pinned": {
         "title": "H2D copy, pinned",
@@ -104,18 +117,20 @@ COMPONENTS: dict[str, dict] = {
     "cpu_expert_bf16": {
         "title": "CPU expert time, bf16, 16 threads",
         "unit": "ms",
-        "model": "Predictor CPU roofline: max(expert_bytes / dram_bandwidth, flops / (peak_gflops_bf16 * "
-                 "compute_efficiency)); measured CPU table disabled",
-        "in_sample": "dram_bandwidth_gb_s is the highest weight-read rate of the fp32 rows (in-sample for "
-                     "the CPU data); peak_gflops_bf16 is an assumption (AMX)",
+        "model": "Predictor CPU model: call_overhead + weight_passes[bf16] * expert_bytes / dram_bandwidth + "
+                 "flops / (peak_gflops_bf16 * compute_efficiency) (no overlap); measured CPU table disabled",
+        "in_sample": f"weight_passes[bf16] was fitted to the {CPU_FIT_SHAPE} bf16 rows (in-sample); the other "
+                     "shape's bf16 rows are out-of-sample (call overhead, DRAM rate and efficiency come from "
+                     "fp32 rows); peak_gflops_bf16 is an assumption (AMX)",
     },
     "cpu_expert_fp32": {
         "title": "CPU expert time, fp32, 16 threads",
         "unit": "ms",
-        "model": "Predictor CPU roofline: max(expert_bytes / dram_bandwidth, flops / (peak_gflops_fp32 * "
-                 "compute_efficiency)); measured CPU table disabled",
-        "in_sample": "dram_bandwidth_gb_s (fp32 Mixtral 1 token) and cpu.compute_efficiency (fp32 Mixtral "
-                     "32 tokens) were taken from two of these rows (those two in-sample, the rest not)",
+        "model": "Predictor CPU model: call_overhead + expert_bytes / dram_bandwidth + flops / "
+                 "(peak_gflops_fp32 * compute_efficiency) (no overlap); measured CPU table disabled",
+        "in_sample": "call_overhead_us and dram_bandwidth_gb_s were fitted to the 1-token rows of both shapes, "
+                     f"compute_efficiency to the {CPU_FIT_SHAPE} rows (in-sample); the other shape's 2-32 "
+                     "token rows are out-of-sample",
     },
 }
 
@@ -131,8 +146,12 @@ CAVEATS = [
     ),
     (
         "The measured eager_us is the time per call of eager calls enqueued back to back; the prediction is "
-        "the steady state of the engine's closed form over a chain of calls, i.e. max(G, 5*launch_us). "
-        "launch_us is an average of GEMM and element-wise enqueue costs, so per-kernel differences are lost."
+        "the steady state of the engine's closed form over a chain of calls, i.e. max(G, 5*eager_op_us). "
+        "eager_op_us (about 23 us) is about twice the bare kernel enqueue of the launch microbenchmark "
+        "(host.launch_us, 11.7 us): the rest is framework work per op that the microbenchmark does not do; "
+        "one cost for all five ops, so GEMM/element-wise differences are lost. The eager medians of one "
+        "shape jump between about 75 and 160 us from one token count to the next (host noise), which no "
+        "per-op cost can follow."
     ),
     (
         "The simulator normally uses the measured expert tables (moesim/perf/tables) for these shapes on the "
@@ -212,7 +231,8 @@ def component_rows(measurements_dir: str | Path | None = None, preset: str = DEF
     # (a) + (b): GPU expert, graph and eager
     gpu_rows = sorted(m["expert_gpu"]["rows"], key=lambda r: (r["shape"], r["tokens"]))
     dtype = _DTYPES.get(m["expert_gpu"].get("dtype", "bfloat16"), "bf16")
-    launch_s = hw.host.launch_us * 1e-6
+    launch_s = hw.host.op_launch_us * 1e-6  # what the engine charges per eagerly launched kernel
+    eager_shapes = eager_fit_shapes(m["expert_gpu"])
     eager = []
     for r in gpu_rows:
         pred = Predictor(_expert_model(r["shape"], r["h"], r["f"], dtype), hw)
@@ -221,7 +241,7 @@ def component_rows(measurements_dir: str | Path | None = None, preset: str = DEF
         ins = r["tokens"] <= MEMORY_BOUND_MAX_TOKENS
         rows.append(_row("expert_gpu_graph", case, r["graph_us"]["median"], G * 1e6, ins))
         eager.append(_row("expert_gpu_eager", case, r["eager_us"]["median"],
-                          eager_time_per_call_s(G, launch_s) * 1e6, ins))
+                          eager_time_per_call_s(G, launch_s) * 1e6, ins or r["shape"] in eager_shapes))
     rows += eager
 
     # (c) copies by size
@@ -250,8 +270,7 @@ def component_rows(measurements_dir: str | Path | None = None, preset: str = DEF
                 continue
             pred = Predictor(_expert_model(r["shape"], r["h"], r["f"], dt), hw)
             t_ms = float(pred.cpu_expert_times([r["tokens"]])[0]) * 1e3
-            # fit.py took dram_bandwidth from fp32 mixtral n=1 and compute_efficiency from n=32
-            used = dt == "fp32" and r["shape"] == "mixtral" and r["tokens"] in (1, 32)
+            used = cpu_fit_in_sample(r, m["expert_cpu"])  # the rows moesim.hardware.fit's CPU fit used
             rows.append(_row(f"cpu_expert_{dt}", f"{r['shape']} n={r['tokens']}", r["ms"]["median"], t_ms, used))
     return rows
 

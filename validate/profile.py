@@ -7,11 +7,12 @@ Input: a folder written by ``moesim validate measure`` (or the committed externa
 =============================  ===============================================================
 ``NAME.yaml``                  a full hardware preset (:class:`moesim.hardware.spec.HardwareSpec`
                                mapping): the fitted values of :func:`moesim.hardware.fit.fit_h100`
-                               (link rates and setup from copies by size, launch, graph-launch,
-                               copy-issue and read-back costs, interference factors, HBM and
-                               compute efficiencies, per-kernel fixed time, machine facts) over a
-                               *base* preset that supplies the spec-sheet numbers (peaks); every
-                               value has a ``sources`` entry
+                               (link rates and setup from copies by size, launch, eager per-op,
+                               graph-launch, copy-issue and read-back costs, interference factors,
+                               HBM and compute efficiencies, per-kernel fixed time, the CPU expert
+                               model, machine facts) over a *base* preset that supplies the
+                               spec-sheet numbers (GPU and CPU peaks); every number has a
+                               ``sources`` entry
 ``NAME-bf16-expert.json``      the GPU expert-time table by shape and tokens (``expert_profile``)
 ``NAME-host-cpu-expert.json``  the CPU expert-time table (``cpu_expert_profile``)
 ``NAME-spread.json``           the measured timing spread (:mod:`moesim.perf.uncertainty`), which
@@ -110,8 +111,11 @@ def fit_profile(measurements: str | Path | None = None, *, name: str, base: str 
     base = base or preset_for(gpu_name)
     raw = copy.deepcopy(load_hardware_preset(base))
     peaks = raw["gpu"]["peak_tflops"]
-    fitted = hwfit.fit_h100(path, peak_tflops=float(peaks["bf16"]), peak_hbm_gb_s=float(raw["gpu"]["hbm_bandwidth_gb_s"]))
-    report = hwfit.fit_report(path, peak_tflops=float(peaks["bf16"]), peak_hbm_gb_s=float(raw["gpu"]["hbm_bandwidth_gb_s"]))
+    peak_kw = {"peak_tflops": float(peaks["bf16"]), "peak_hbm_gb_s": float(raw["gpu"]["hbm_bandwidth_gb_s"]),
+               "cpu_peak_gflops_fp32": float(raw["cpu"]["peak_gflops_fp32"]),
+               "cpu_peak_gflops_bf16": float(raw["cpu"]["peak_gflops_bf16"])}
+    fitted = hwfit.fit_h100(path, **peak_kw)
+    report = hwfit.fit_report(path, **peak_kw)
     shown = _shown(path)
     sources = dict(raw.get("sources") or {})
     kept = []
@@ -121,6 +125,8 @@ def fit_profile(measurements: str | Path | None = None, *, name: str, base: str 
             sources[key] = f"base preset {base} (not measured in {shown}): " + sources.get(key, "")
             continue
         _set(raw, key, value)
+        if isinstance(value, bool):  # a model choice, not a number: sources name numbers only
+            continue
         text = hwfit.FIT_SOURCES[key].replace(hwfit.MEAS_REL, shown).replace(
             "fit by moesim.hardware.fit", "fit by moesim validate fit")
         sources[key] = text

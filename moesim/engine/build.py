@@ -74,10 +74,12 @@ def map_columns(model, trace_layers: tuple) -> tuple[list, list, list]:
     return layers, src, borrowed
 
 
-def memory_check(scenario, cache, source: str, sizes=None) -> dict:
+def memory_check(scenario, cache, source: str, sizes=None, offload=None) -> dict:
     """GPU and host memory use (bytes); an InputError naming the numbers when it does not fit.
     ``sizes``: the run's :class:`~moesim.models.expert_sizes.ExpertSizes` (heterogeneous experts:
-    the host store holds their own bytes, a transient buffer the largest), or None."""
+    the host store holds their own bytes, a transient buffer the largest), or None. ``offload``: a
+    whole-layer layout (:class:`~moesim.policies.execution.llamacpp.LlamaCppLayout`) whose CPU
+    blocks keep their weights and KV cache in host memory, or None."""
     m, hw, wl = scenario.model, scenario.hardware, scenario.workload
     g = hw.gpu
     usable = (g.hbm_gib - g.reserved_gib) * GIB
@@ -92,10 +94,17 @@ def memory_check(scenario, cache, source: str, sizes=None) -> dict:
         tail = sum(m.block_dense_params(b) for b in range(prev + 1, m.num_layers))
         dense = int((m.embedding_params * m.embedding_bytes_per_param) + (tail + 2 * stage_max) * m.bytes_per_param)
     serving = wl.requests is not None
+    kv_tok, host_dense, host_kv = m.kv_bytes_per_token, 0, 0
+    if offload is not None and offload.partial:  # CPU blocks: weights and KV cache in host memory
+        host_dense = offload.host_dense_bytes(m)
+        dense -= host_dense
+        kv_tok = m.kv_bytes_per_token_layer * offload.gpu_blocks()
+        host_kv = wl.batch_size * (wl.context_tokens + wl.max_tokens // wl.batch_size) * (
+            m.kv_bytes_per_token - kv_tok)
     if serving:
         kv = 0  # the KV budget is what is left (below)
     else:
-        kv = wl.batch_size * (wl.context_tokens + wl.max_tokens // wl.batch_size) * m.kv_bytes_per_token
+        kv = wl.batch_size * (wl.context_tokens + wl.max_tokens // wl.batch_size) * kv_tok
     cache_b = cache.resident_slots_bytes()
     tbuf = cache.transient_buffer_count() * (cache.expert_bytes if sizes is None else sizes.max_bytes)
     need = dense + kv + cache_b + tbuf
@@ -141,13 +150,16 @@ def memory_check(scenario, cache, source: str, sizes=None) -> dict:
         "expert_store": store,
         "ssd_expert_bytes": int(ssd_bytes) if store == "ssd" else 0,
     }
+    if host_dense or host_kv:
+        mem["host_dense_bytes"] = int(host_dense)
+        mem["host_kv_bytes"] = int(host_kv)
     if serving:
         mem["kv_budget_bytes"] = int(kv)
     if sizes is not None:
         mem["expert_sizes"] = sizes.summary()
     if g.unified_memory:
         # one DRAM: the GPU's share and the host's expert store come out of the same capacity
-        total = need + host_store
+        total = need + host_store + host_dense + host_kv
         cap = hw.host_memory.capacity_gib * GIB
         if total > cap:
             raise InputError(
@@ -162,6 +174,8 @@ def memory_check(scenario, cache, source: str, sizes=None) -> dict:
         )
         if kind in ("all_resident", "streaming"):
             fld = "policies.cache.kind"
+        if offload is not None and offload.n_gpu_layers is not None:  # llama.cpp -ngl: offload fewer layers
+            fld = "policies.execution.n_gpu_layers"
         raise InputError(
             f"does not fit in GPU memory: dense weights {dense / GIB:.2f} GiB + KV cache "
             f"{kv / GIB:.2f} GiB + expert cache {cache_b / GIB:.2f} GiB ({cache.slots_total()} slots) "
@@ -177,6 +191,14 @@ def memory_check(scenario, cache, source: str, sizes=None) -> dict:
             source=source,
             field="hardware.host_memory.capacity_gib",
         )
+    if not g.unified_memory and (host_dense or host_kv):
+        host_all = host_store + host_dense + host_kv
+        if host_all > hw.host_memory.capacity_gib * GIB:
+            raise InputError(
+                f"host memory holds experts {host_store / GIB:.2f} GiB + CPU blocks' weights {host_dense / GIB:.2f} "
+                f"GiB + their KV cache {host_kv / GIB:.2f} GiB = {host_all / GIB:.2f} GiB, more than its "
+                f"{hw.host_memory.capacity_gib:g} GiB", source=source, field="hardware.host_memory.capacity_gib",
+            )
     return mem
 
 
@@ -473,10 +495,15 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     )
     if serving_in is not None:
         _check_serving_policies(scenario, source)
-    cache = cache_cls(scenario.policies.cache, setup)
+    # a static tensor layout of the execution policy (llama.cpp -ngl / -ot): which columns' experts
+    # stay in host memory (the cache is told) and which blocks run on the CPU (memory, stage times)
+    layout_of = getattr(registry("execution")[scenario.policies.execution.kind], "layer_offload", None)
+    offload = layout_of(scenario, model_layers, source) if layout_of is not None else None
+    cache = cache_cls(scenario.policies.cache, setup,
+                      **({} if offload is None else {"host_columns": offload.host_expert_columns}))
     if cache.transient_buffer_count() == 0 and cache.slots_total() < len(model_layers) * m.num_experts:
         raise InputError("needs at least one transient buffer", source=source, field="policies.cache")
-    memory = memory_check(scenario, cache, source, sizes)
+    memory = memory_check(scenario, cache, source, sizes, offload)
     tiers = resolve_tiers(scenario, memory, np.asarray(trace.experts), col_src,
                           None if sizes is None else sizes.key_bytes, source)
     if memory["expert_store"] in ("ssd", "dram+ssd") and scenario.policies.execution.kind != "gpu_only":
@@ -512,11 +539,15 @@ def prepare(scenario, *, source: str = "scenario", record_timeline: bool = True,
     table = StageTable(scenario, predictor, model_layers)
     stages = stage_times(scenario, predictor, model_layers, plan.steps if serving_in is None else 0, link,
                          max_tokens=plan.batch_size, table=table)
+    if offload is not None and offload.partial:  # CPU blocks: GPU stage times of the GPU blocks only
+        offload.stage_times(stages, scenario, predictor, model_layers, plan.steps)
     sched = None
     if serving_in is not None:
         sched = _scheduler(scenario, serving_in, memory, plan, table, source)
     ex_cfg = scenario.policies.execution
     execution = registry("execution")[ex_cfg.kind](ex_cfg, setup)
+    if offload is not None:
+        execution.offload = offload
     execution.bind_seed(scenario.seed)
     cpu_model = _cpu_model(scenario, execution, predictor, stages, source)
     execution.bind_costs(
@@ -657,7 +688,10 @@ def apply_routing(scenario, trace, source: str):
             note += ("; in a serving run the scheduler takes the reordered rows as its requests' routing and forms "
                      "the steps itself, so the policy's row order holds only within each request")
     meta = dict(trace.meta or {})
-    meta["routing_transform"] = {"kind": cfg.kind, "note": note, **res.stats}
+    # bytes moved, compute, cache and quality before vs after (steps of batch_size rows)
+    effects = pol.effects(trace, res, num_experts=scenario.model.num_experts,
+                          expert_bytes=scenario.model.expert_bytes, step_rows=scenario.workload.batch_size)
+    meta["routing_transform"] = {"kind": cfg.kind, "note": note, **res.stats, "effects": effects}
     return dataclasses.replace(trace, experts=res.experts, weights=res.weights, meta=meta, **extra), res
 
 

@@ -28,7 +28,9 @@ sets its copy's rate (pinned, or pageable and host-blocking) and whether a flash
 A sequence of ``n`` equal kernels launched at ``λ`` host seconds each from host time ``h0`` with
 total GPU time ``G`` ends at ``max(start + G, h0 + nλ + G/n)`` (the first kernel cannot start before
 ``h0 + λ``, and the last not before ``h0 + nλ``): launch-bound small kernels fall out of this
-closed form without one event per kernel.
+closed form without one event per kernel. λ is the host's per-op cost of an eager framework call
+(``hardware.host.eager_op_us``: Python, dispatcher, allocation and launch) where the hardware
+gives one, else the bare kernel enqueue ``launch_us``.
 
 Steps come from one of two sources. A fixed-batch run replays a precomputed
 :class:`~moesim.engine.plan.DecodePlan` (``batch_size`` consecutive trace rows per step) with stage
@@ -42,6 +44,13 @@ the stage times of that token mix, computed lazily per token count and cached. W
 the host waits for the next arrival (the wait is the step's ``idle`` part). The per-layer code is
 the same for both sources, so the fixed-batch path keeps its events (one per (step, MoE layer) and
 one per step) and its speed; a serving run adds one event per arrival and per idle wait.
+
+With a whole-layer offload (llama.cpp ``-ngl``, ``StageTimes.offload``) the leading blocks of a
+stage, or of the tail, and possibly the output layer run on the CPU, computed by the host thread
+while the GPU waits; the hidden state is copied over the link (``act_h2d`` / ``act_d2h``, the full
+batch) wherever a CPU segment meets a GPU one; a CPU block's router output is on the host already
+and its experts (all CPU experts) need no activation copies. The gap a GPU op waits for such work is
+``cpu_expert`` time.
 
 Critical path (DESIGN 3.4): every second of a step lies on the compute stream's timeline, either in
 an op (GPU compute, plus any launch-bound stretch = host) or in a gap before an op, attributed to
@@ -82,6 +91,9 @@ class StageTimes:
     act_h2d: list = field(default_factory=list)  # results back to the GPU, index = tokens
     dense_bytes: list = field(default_factory=list)  # per MoE column: dense weights of its stage
     dense_copy: list = field(default_factory=list)  # per MoE column: their copy time (streamed)
+    # whole blocks on the CPU (llama.cpp -ngl): a moesim.policies.execution.llamacpp.LayerOffloadTimes
+    # with the CPU side, the fields above then hold the GPU blocks only; None = every block on the GPU
+    offload: object = None
 
 
 @dataclass
@@ -204,7 +216,7 @@ class SingleGpuEngine:
         gpu_c, gpu_h2d, host_r, link_r = "gpu0.compute", "gpu0.h2d", "host0", self.link_id
         eager = rt.launch_mode == "eager"
         fused = rt.launch_mode == "fused"
-        lam = hw.host.launch_us * 1e-6
+        lam = hw.host.op_launch_us * 1e-6  # per kernel launched one by one (eager_op_us, else launch_us)
         lam_g = hw.host.graph_launch_us * 1e-6
         iota = hw.host.copy_issue_us * 1e-6
         rho = hw.host.router_readback_us * 1e-6
@@ -453,7 +465,9 @@ class SingleGpuEngine:
             cols = set()
             for c2, e in want:
                 cols.add(c2)
-                ok, evicted = cache.prefetch(c2, e, t, protect)
+                # a precision policy may fix the format a prefetched copy loads at (EdgeMoE)
+                plv = prec.prefetch_level(c2, e) if prec is not None else 0
+                ok, evicted = cache.prefetch(c2, e, t, protect, pr_b[plv] if plv else None)
                 if evicted:
                     dropped(evicted)
                     if measured:
@@ -465,7 +479,11 @@ class SingleGpuEngine:
                         le = last_end.get(v, 0.0)
                         if le > slot:
                             slot = le
-                    issue_copy(key, e, slot, "prefetch", s, mlayers[c2], measured)
+                    if plv:
+                        issue_copy(key, e, slot, "prefetch", s, mlayers[c2], measured, pr_copy[plv], pr_b[plv], plv)
+                        key_lvl[key] = plv
+                    else:
+                        issue_copy(key, e, slot, "prefetch", s, mlayers[c2], measured)
                     pf_unused[key] = measured
                     if measured:
                         pf_issued += 1
@@ -524,6 +542,67 @@ class SingleGpuEngine:
                 busy_host += host - h0
             return end
 
+        # ---- whole blocks on the CPU (llama.cpp -ngl): the hidden state is on the host from time
+        # h_host (-1: on the GPU); ggml runs the CPU splits on the host thread, the GPU waits
+        off = st.offload
+        h_host = -1.0
+
+        def to_gpu(s, layer, measured):
+            # the hidden state crosses to the GPU (a CPU block followed by a GPU one); returns when
+            # it lands, which the next GPU op waits for
+            nonlocal host, cp, h_host, busy_cp, busy_host, bytes_act_h2d
+            host += iota
+            rs = cp if cp > host else host
+            if h_host > rs:
+                rs = h_host
+            d = act_h2d[B] if noise is None else act_h2d[B] * noise.copy(B * act_b)
+            re_ = rs + d
+            cp = re_
+            copies.append((rs, re_))
+            copies_cpu.append((rs, re_))
+            h_host = -1.0
+            if rec:
+                tl.append((gpu_h2d, "act_h2d", rs, re_, s, layer, -1, B * act_b))
+            if measured:
+                busy_cp += d
+                busy_host += iota
+                bytes_act_h2d += B * act_b
+            return re_
+
+        def to_host(s, layer, measured):
+            # the hidden state crosses to the host (a GPU segment followed by a CPU one)
+            nonlocal host, d2h_free, h_host, busy_d2h, busy_host, bytes_d2h
+            host += iota
+            ds = d2h_free if d2h_free > host else host
+            if gpu > ds:
+                ds = gpu
+            d = act_d2h[B] if noise is None else act_d2h[B] * noise.copy(B * act_b, "d2h")
+            d2h_free = h_host = ds + d
+            if rec:
+                tl.append((gpu_d2h, "act_d2h", ds, h_host, s, layer, -1, B * act_b))
+            if measured:
+                busy_d2h += d
+                busy_host += iota
+                bytes_d2h += B * act_b
+
+        def cpu_op(kind, dur, s, layer, measured):
+            # a CPU segment (blocks, output layer) computed by the host thread; returns its end
+            nonlocal host, cpu_free, cpu_hold, h_host, busy_cpu, busy_host
+            t0 = host if host > h_host else h_host
+            if cpu_free > t0:
+                t0 = cpu_free
+            if noise is not None:
+                dur *= noise.cpu()
+            dur = stretch(t0, dur, f_dram, copies_cpu)
+            te = t0 + dur
+            if rec:
+                tl.append((cpu_r, kind, t0, te, s, layer, -1, 0))
+            if measured:
+                busy_cpu += dur
+                busy_host += te - host
+            host = cpu_free = cpu_hold = h_host = te
+            return te
+
         t_access = 0
         step_start = 0.0
         progress = self.progress
@@ -558,28 +637,42 @@ class SingleGpuEngine:
             measured = s >= warm
             g_c = c_w = h_c = u_c = 0.0
             prev = host if idle else step_start
+            if off is not None:
+                h_host = host if off.start_on_host else -1.0  # the token is embedded where block 0 runs
             for c in range(C):
                 layer = mlayers[c]
                 # ---- dense stage ---------------------------------------------------------------
-                G = dbase[c] + dblocks[c] * attn_s
-                if eager:
-                    n, lm = st.dense_blocks[c] * dk, lam
-                else:
-                    n, lm = st.dense_blocks[c], lam_g
-                rd, rd_cpu = pend_rd, True
-                if stream_dense:
-                    if dense_ready[c] < 0.0:  # the run's first stage: nothing prefetched it
-                        issue_dense(c, s, measured)
-                    if dense_ready[c] > rd:
-                        rd, rd_cpu = dense_ready[c], False
-                d_end = gpu_op("dense", G, n, lm, rd, f_mem if dmemb[c] else f_cmp, s, layer,
-                               -1, measured, rd_cpu)
-                pend_rd = 0.0
-                if stream_dense:
-                    dense_buf[(s * C + c) & 1] = d_end  # its buffer is free once the stage has run
-                    dense_ready[c] = -1.0
+                if off is not None:  # whole-layer offload: the stage's leading blocks on the CPU
+                    if off.cpu_blocks[c]:
+                        if h_host < 0.0:
+                            to_host(s, layer, measured)
+                        d_end = cpu_op("cpu_dense", off.cpu_base[c] + off.cpu_blocks[c] * off.attn[s], s, layer,
+                                       measured)
+                    if dblocks[c] and h_host >= 0.0:
+                        pend_rd = to_gpu(s, layer, measured)
+                if off is None or dblocks[c]:
+                    G = dbase[c] + dblocks[c] * attn_s
+                    if eager:
+                        n, lm = st.dense_blocks[c] * dk, lam
+                    else:
+                        n, lm = st.dense_blocks[c], lam_g
+                    rd, rd_cpu = pend_rd, True
+                    if stream_dense:
+                        if dense_ready[c] < 0.0:  # the run's first stage: nothing prefetched it
+                            issue_dense(c, s, measured)
+                        if dense_ready[c] > rd:
+                            rd, rd_cpu = dense_ready[c], False
+                    d_end = gpu_op("dense", G, n, lm, rd, f_mem if dmemb[c] else f_cmp, s, layer,
+                                   -1, measured, rd_cpu)
+                    pend_rd = 0.0
+                    if stream_dense:
+                        dense_buf[(s * C + c) & 1] = d_end  # its buffer is free once the stage has run
+                        dense_ready[c] = -1.0
                 # ---- router read-back --------------------------------------------------------------
-                if wait_router:
+                if off is not None and off.moe_on_cpu[c]:
+                    yield env.timeout(host - env.now)  # the router ran on the CPU: the host has it
+                    events += 1
+                elif wait_router:
                     t_ready = gpu if gpu > host else host
                     host = t_ready + rho
                     if rec:
@@ -790,14 +883,18 @@ class SingleGpuEngine:
                         ntok += cnt[e]
                     if ntok > B:
                         ntok = B
-                    host += iota
-                    ds = d2h_free
-                    if host > ds:
-                        ds = host
-                    if d_end > ds:
-                        ds = d_end
-                    de = ds + (act_d2h[ntok] if noise is None else act_d2h[ntok] * noise.copy(ntok * act_b, "d2h"))
-                    d2h_free = de
+                    on_cpu = off is not None and off.moe_on_cpu[c]  # a CPU block: no activation copies
+                    if on_cpu:
+                        ds = de = d_end
+                    else:
+                        host += iota
+                        ds = d2h_free
+                        if host > ds:
+                            ds = host
+                        if d_end > ds:
+                            ds = d_end
+                        de = ds + (act_d2h[ntok] if noise is None else act_d2h[ntok] * noise.copy(ntok * act_b, "d2h"))
+                        d2h_free = de
                     if cpu_blocks and de > host:
                         host = de  # the host thread waits for the activations it computes on
                     if cpu_model is None:
@@ -848,21 +945,27 @@ class SingleGpuEngine:
                         if measured:
                             busy_host += cs - host
                         host = cpu_hold = cs
-                    rs = cp if cp > cs else cs
-                    re_ = rs + (act_h2d[ntok] if noise is None else act_h2d[ntok] * noise.copy(ntok * act_b))
-                    cp = re_
-                    copies.append((rs, re_))
-                    copies_cpu.append((rs, re_))
-                    pend_rd = re_
-                    if rec:
-                        tl.append((gpu_d2h, "act_d2h", ds, de, s, layer, -1, ntok * act_b))
-                        tl.append((gpu_h2d, "act_h2d", rs, re_, s, layer, -1, ntok * act_b))
+                    if on_cpu:
+                        # the results stay on the host for the next CPU segment (or the copy to the GPU)
+                        if cs > h_host:
+                            h_host = cs
+                    else:
+                        rs = cp if cp > cs else cs
+                        re_ = rs + (act_h2d[ntok] if noise is None else act_h2d[ntok] * noise.copy(ntok * act_b))
+                        cp = re_
+                        copies.append((rs, re_))
+                        copies_cpu.append((rs, re_))
+                        pend_rd = re_
+                        if rec:
+                            tl.append((gpu_d2h, "act_d2h", ds, de, s, layer, -1, ntok * act_b))
+                            tl.append((gpu_h2d, "act_h2d", rs, re_, s, layer, -1, ntok * act_b))
+                        if measured:
+                            busy_d2h += de - ds
+                            busy_cp += re_ - rs
+                            bytes_d2h += ntok * act_b
+                            bytes_act_h2d += ntok * act_b
                     if measured:
                         busy_cpu += cpu_work
-                        busy_d2h += de - ds
-                        busy_cp += re_ - rs
-                        bytes_d2h += ntok * act_b
-                        bytes_act_h2d += ntok * act_b
                         ncpu = len(cpu_set)
                         n_cpu += ncpu
                         n_acc += ncpu
@@ -890,18 +993,44 @@ class SingleGpuEngine:
                     col_tokens[c] += sum(counts)
                     col_distinct[c] += len(experts)
             # ---- tail: trailing dense blocks, final norm, LM head, sampling -------------------------------
-            G = tbase + st.tail_blocks * attn_s
-            if eager:
-                n, lm = st.tail_blocks * dk + rt.head_kernels, lam
+            if off is not None:  # whole-layer offload: leading trailing blocks on the CPU
+                if off.tail_cpu_blocks:
+                    if h_host < 0.0:
+                        to_host(s, -1, measured)
+                    cpu_op("cpu_dense", off.tail_cpu_base + off.tail_cpu_blocks * off.attn[s], s, -1, measured)
+                if (st.tail_blocks or off.head_cpu is None) and h_host >= 0.0:
+                    pend_rd = to_gpu(s, -1, measured)
+            if off is None or off.head_cpu is None:
+                G = tbase + st.tail_blocks * attn_s
+                if eager:
+                    n, lm = st.tail_blocks * dk + rt.head_kernels, lam
+                else:
+                    n, lm = st.tail_blocks + 1, lam_g
+                gpu_op("head", G, n, lm, pend_rd, f_mem if tmemb else f_cmp, s, -1, -1, measured, True)
+                pend_rd = 0.0
+                t_ready = gpu if gpu > host else host
+                if rec:
+                    tl.append((host_r, "token_readback", t_ready, t_ready + rho, s, -1, -1, 0))
+                host = t_ready + rho
+                h_c += host - gpu
             else:
-                n, lm = st.tail_blocks + 1, lam_g
-            gpu_op("head", G, n, lm, pend_rd, f_mem if tmemb else f_cmp, s, -1, -1, measured, True)
-            pend_rd = 0.0
-            t_ready = gpu if gpu > host else host
-            if rec:
-                tl.append((host_r, "token_readback", t_ready, t_ready + rho, s, -1, -1, 0))
-            host = t_ready + rho
-            h_c += host - gpu
+                # the output layer on the CPU, after the GPU's trailing blocks (if any)
+                if st.tail_blocks:
+                    G = tbase + st.tail_blocks * attn_s
+                    n, lm = (st.tail_blocks * dk, lam) if eager else (st.tail_blocks, lam_g)
+                    gpu_op("dense", G, n, lm, pend_rd, f_mem if tmemb else f_cmp, s, -1, -1, measured, True)
+                    pend_rd = 0.0
+                if h_host < 0.0:
+                    if pend_rd > host:  # CPU expert results of the last GPU block land first
+                        host = pend_rd
+                    to_host(s, -1, measured)
+                pend_rd = 0.0
+                t_ready = cpu_op("cpu_head", off.head_cpu, s, -1, measured)
+                if rec:
+                    tl.append((host_r, "token_readback", t_ready, t_ready + rho, s, -1, -1, 0))
+                host = t_ready + rho
+                u_c += t_ready - prev  # the hidden state's way down and the CPU's output layer
+                h_c += rho
             if measured:
                 busy_host += rho
             yield env.timeout(host - env.now)

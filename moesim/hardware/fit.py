@@ -38,6 +38,17 @@ EXPERT_KERNELS = EXPERT_GEMMS + EXPERT_ELEMENTWISE
 #: token counts treated as memory-bound when fitting the HBM line (arithmetic intensity <= 16
 #: FLOP/byte, far below the H100 ridge point of about 290 FLOP/byte)
 MEMORY_BOUND_MAX_TOKENS = 16
+#: expert shapes whose eager rows fit ``host.eager_op_us``; the other shapes' rows are held out
+#: (chosen because their eager calls are launch-bound at every token count up to 256 or more)
+EAGER_FIT_SHAPES = ("olmoe", "deepseek-v3")
+#: an eager row counts as launch-bound (its time per call is the host's) when eager >= this x graph
+LAUNCH_BOUND_RATIO = 1.25
+#: CPU expert shape on which the CPU compute efficiency and bf16 weight passes are fitted (others held out)
+CPU_FIT_SHAPE = "mixtral"
+#: the measured host's assumed CPU peaks, GFLOP/s (h100-sxm-pcie5 preset: 16 cores x 2.1 GHz x 64 FP32
+#: FLOP/cycle with AVX-512 FMA, x 1024 BF16 FLOP/cycle with AMX; see the preset's sources)
+HOST_PEAK_GFLOPS_FP32 = 2150.0
+HOST_PEAK_GFLOPS_BF16 = 34410.0
 FILES = ("env.json", "link.json", "expert_gpu.json", "expert_cpu.json")
 MEAS_REL = "validate/measurements/external/h100-sxm"
 
@@ -264,6 +275,131 @@ def fit_host_machine(env: dict, expert_cpu: dict) -> dict:
     }
 
 
+def eager_fit_shapes(expert_gpu: dict) -> tuple[str, ...]:
+    """Shapes whose eager rows :func:`fit_eager_op` uses: :data:`EAGER_FIT_SHAPES` where the data has
+    them, else every shape (then no eager row is out of sample)."""
+    have = {r["shape"] for r in expert_gpu["rows"]}
+    pick = tuple(s for s in EAGER_FIT_SHAPES if s in have)
+    return pick or tuple(sorted(have))
+
+
+def fit_eager_op(expert_gpu: dict, env: dict | None = None) -> dict:
+    """Host µs per op of an eager expert call (``host.eager_op_us``) from ``expert_gpu.json``.
+
+    In an eager call of the SwiGLU expert (5 ops: three ``torch.mm``, ``F.silu``, a multiply) that
+    is launch-bound, the GPU waits for the host, so the time per call measured back to back
+    (``eager_us``) is the host's time for the call's ops: the engine's closed form gives exactly
+    ``kernels x eager_op_us`` there. The fit is the median of ``eager_us / 5`` over the launch-bound
+    rows (``eager_us >= 1.25 x graph_us``) of :func:`eager_fit_shapes` only; the rows of the other
+    shapes stay out of sample. The median, not a mean: the eager medians of one shape jump between
+    about 75 and 160 µs from one token count to the next (host noise of the VM), which a mean would
+    follow. Also reported: the same cost from the launch microbenchmark (3 GEMM and 2 element-wise
+    enqueues, ``host.launch_us`` x 5) and the ratio: a call's ops cost about twice their bare
+    enqueue in a tight loop of one repeated op; the rest is framework work per op that such a loop
+    does not show (new output tensors for the element-wise ops, the Python wrappers of ``F.silu``
+    and ``*``), which this data cannot split further."""
+    shapes = eager_fit_shapes(expert_gpu)
+    rows = [r for r in expert_gpu["rows"] if r["shape"] in shapes
+            and r["eager_us"]["median"] >= LAUNCH_BOUND_RATIO * r["graph_us"]["median"]]
+    if not rows:
+        raise InputError("no launch-bound eager expert rows to fit host.eager_op_us", field="rows")
+    per_op = np.array([r["eager_us"]["median"] / EXPERT_KERNELS for r in rows])
+    out = {
+        "eager_op_us": float(np.median(per_op)),
+        "shapes": list(shapes),
+        "rows_used": [f"{r['shape']} n={r['tokens']}" for r in rows],
+        "per_op_us_min": float(per_op.min()),
+        "per_op_us_max": float(per_op.max()),
+    }
+    if env is not None:
+        enq = fit_host_costs(env)["launch_us"]
+        out["enqueue_us_mean"] = enq
+        out["ratio_to_enqueue"] = out["eager_op_us"] / enq
+    return out
+
+
+# ----- CPU experts -------------------------------------------------------------------------------
+def _cpu_row_terms(r: dict) -> tuple[float, float, float]:
+    """(seconds measured, weight bytes, FLOPs) of one ``expert_cpu.json`` row."""
+    return (float(r["ms"]["median"]) * 1e-3, float(r["weight_bytes"]),
+            2.0 * 3 * r["h"] * r["f"] * r["tokens"])
+
+
+def cpu_fit_in_sample(r: dict, expert_cpu: dict) -> bool:
+    """Whether :func:`fit_cpu_expert` used CPU row ``r``: every 1-token fp32 row (call overhead and
+    DRAM rate) and every row of the fitted shape (compute efficiency, bf16 weight passes)."""
+    dt = _DTYPE_NAMES.get(r["dtype"], r["dtype"])
+    if r["shape"] == _cpu_fit_shape(expert_cpu) and dt in ("fp32", "bf16"):
+        return True
+    return dt == "fp32" and r["tokens"] == 1
+
+
+def _cpu_fit_shape(expert_cpu: dict) -> str:
+    shapes = {r["shape"] for r in expert_cpu["rows"]}
+    if CPU_FIT_SHAPE in shapes:
+        return CPU_FIT_SHAPE
+    return max(shapes, key=lambda s: max(r["weight_bytes"] for r in expert_cpu["rows"] if r["shape"] == s))
+
+
+def fit_cpu_expert(expert_cpu: dict, peak_gflops_fp32: float = HOST_PEAK_GFLOPS_FP32,
+                   peak_gflops_bf16: float = HOST_PEAK_GFLOPS_BF16) -> dict:
+    """CPU expert model parameters from ``expert_cpu.json`` (torch, all threads), for the roofline of
+    :meth:`moesim.perf.predictor.Predictor.cpu_expert_times` with ``overlap_compute_and_memory``
+    false: ``t = call_overhead + passes x weight_bytes / dram + FLOPs / (peak x efficiency)``.
+
+    * ``call_overhead_us`` and ``dram_gb_s``: the 1-token fp32 rows (one pass over the weights,
+      negligible arithmetic) of all shapes, ``t = c0 + bytes / dram`` solved by least squares (exact
+      for two shapes): the small expert's lower apparent rate is this fixed per-call cost.
+    * ``compute_efficiency``: the fp32 rows of :data:`CPU_FIT_SHAPE` with 2 or more tokens, the one
+      unknown of the additive form, by least squares on the relative error (closed form). The time
+      grows with tokens long before the roofline's FLOP bound; a max() of the two terms misses the
+      2-16 token rows by up to half, their sum by about a tenth.
+    * ``bf16_weight_passes``: the bf16 rows of the same shape, likewise. bf16 time does not grow
+      with tokens up to 32 (it reaches about 1 TFLOP/s), so no slow arithmetic unit explains it;
+      it is about three fp32-rate passes over its weight bytes on every call, whatever the token
+      count, as when the weights are re-laid out (read, written, read again) per call; which
+      library step does it is not in the data.
+    The rows of the other shapes with 2 or more tokens (fp32), and all their bf16 rows, stay out
+    of sample."""
+    rows = expert_cpu["rows"]
+    one = [_cpu_row_terms(r) for r in rows if _DTYPE_NAMES.get(r["dtype"], r["dtype"]) == "fp32" and r["tokens"] == 1]
+    if not one:
+        raise InputError("no 1-token fp32 CPU expert rows to fit the DRAM rate", field="rows")
+    t1 = np.array([t for t, _, _ in one])
+    b1 = np.array([b for _, b, _ in one])
+    if len(set(b1)) >= 2:
+        c0, inv = np.linalg.lstsq(np.column_stack([np.ones_like(b1), b1]), t1, rcond=None)[0]
+    else:  # one size: no way to tell a fixed cost from the rate
+        c0, inv = 0.0, float(np.mean(t1 / b1))
+    c0 = max(0.0, float(c0))
+    shape = _cpu_fit_shape(expert_cpu)
+
+    def rel_ls(terms, base, coef):
+        # least squares of (base_i + coef_i * x - t_i) / t_i over x (closed form)
+        a = np.array([coef(b, f) / t for t, b, f in terms])
+        y = np.array([(t - base(b, f)) / t for t, b, f in terms])
+        return float(a @ y / (a @ a))
+
+    fp = [_cpu_row_terms(r) for r in rows if r["shape"] == shape and r["tokens"] >= 2
+          and _DTYPE_NAMES.get(r["dtype"], r["dtype"]) == "fp32"]
+    if not fp:
+        raise InputError(f"no fp32 CPU expert rows of {shape} with 2+ tokens to fit the compute efficiency", field="rows")
+    x = rel_ls(fp, lambda b, f: c0 + b * inv, lambda b, f: f)  # seconds per FLOP
+    eff = 1.0 / (x * peak_gflops_fp32 * 1e9)
+    bf = [_cpu_row_terms(r) for r in rows if r["shape"] == shape and _DTYPE_NAMES.get(r["dtype"], r["dtype"]) == "bf16"]
+    rate16 = peak_gflops_bf16 * 1e9 * eff
+    passes = rel_ls(bf, lambda b, f: c0 + f / rate16, lambda b, f: b * inv) if bf else 1.0
+    return {
+        "call_overhead_us": c0 * 1e6,
+        "dram_gb_s": float(1.0 / inv / 1e9),
+        "compute_efficiency": eff,
+        "fp32_gflops": peak_gflops_fp32 * eff,
+        "bf16_weight_passes": max(1.0, passes),
+        "fit_shape": shape,
+        "max_weight_read_gb_s": max(float(r["GBps_weights"]) for r in rows),
+    }
+
+
 # ----- GPU -------------------------------------------------------------------------------------
 def expert_bytes_moved(row: dict, bytes_per_param: int = 2) -> float:
     """Bytes one expert call moves in the roofline model: weights plus n*(2h + 3f) activations."""
@@ -319,10 +455,12 @@ def fit_compute_efficiency(
 
 # ----- everything ------------------------------------------------------------------------------
 def fit_report(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK_BF16_TFLOPS,
-               peak_hbm_gb_s: float = H100_PEAK_HBM_GB_S) -> dict:
+               peak_hbm_gb_s: float = H100_PEAK_HBM_GB_S, cpu_peak_gflops_fp32: float = HOST_PEAK_GFLOPS_FP32,
+               cpu_peak_gflops_bf16: float = HOST_PEAK_GFLOPS_BF16) -> dict:
     """All fitted quantities, unrounded, with diagnostics; keyed by part (``link``, ``host``...).
     ``peak_tflops`` (dense bf16) and ``peak_hbm_gb_s`` are the GPU's spec-sheet peaks the
-    efficiencies are relative to (default: H100 SXM)."""
+    efficiencies are relative to (default: H100 SXM); ``cpu_peak_gflops_*`` the host CPU's (default:
+    the measured H100 host's assumed peaks)."""
     m = load_measurements(path)
     pin = fit_pinned_link(m["link"])
     report = {
@@ -337,6 +475,8 @@ def fit_report(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK
         "machine": fit_host_machine(m["env"], m["expert_cpu"]),
         "memory": fit_gpu_memory_line(m["expert_gpu"], peak_hbm_gb_s),
         "compute": fit_compute_efficiency(m["env"], m["expert_gpu"], peak_tflops),
+        "eager": fit_eager_op(m["expert_gpu"], m["env"]),
+        "cpu_expert": fit_cpu_expert(m["expert_cpu"], cpu_peak_gflops_fp32, cpu_peak_gflops_bf16),
     }
     series = m["link"]["expert_sized_h2d_series"]
     n = series["bytes"]
@@ -349,14 +489,16 @@ def fit_report(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK
 
 
 def fit_h100(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK_BF16_TFLOPS,
-             peak_hbm_gb_s: float = H100_PEAK_HBM_GB_S) -> dict:
+             peak_hbm_gb_s: float = H100_PEAK_HBM_GB_S, cpu_peak_gflops_fp32: float = HOST_PEAK_GFLOPS_FP32,
+             cpu_peak_gflops_bf16: float = HOST_PEAK_GFLOPS_BF16) -> dict:
     """Fitted HardwareSpec values keyed by dotted path, rounded to :data:`SIG_DIGITS` digits.
 
     Units are those of the spec fields (GB/s, µs, GiB, dimensionless factors); integer facts
     (cores, PCIe generation and width) stay integers; pageable tables are ``[[bytes, GB/s], ...]``.
     ``path`` is the measurement folder (default: the committed H100 data)."""
-    r = fit_report(path, peak_tflops=peak_tflops, peak_hbm_gb_s=peak_hbm_gb_s)
-    pin, host, mach, mem = r["pinned"], r["host"], r["machine"], r["memory"]
+    r = fit_report(path, peak_tflops=peak_tflops, peak_hbm_gb_s=peak_hbm_gb_s,
+                   cpu_peak_gflops_fp32=cpu_peak_gflops_fp32, cpu_peak_gflops_bf16=cpu_peak_gflops_bf16)
+    pin, host, mach, mem, ce = r["pinned"], r["host"], r["machine"], r["memory"], r["cpu_expert"]
     inter = r["interference"]
 
     def table(rows):
@@ -370,12 +512,17 @@ def fit_h100(path: str | Path | None = None, *, peak_tflops: float = H100_PEAK_B
         "gpu.copy_interference.memory_bound_slowdown": round_sig(inter["memory_bound_slowdown"]),
         "gpu.copy_interference.compute_bound_slowdown": round_sig(inter["compute_bound_slowdown"]),
         "host.launch_us": round_sig(host["launch_us"]),
+        "host.eager_op_us": round_sig(r["eager"]["eager_op_us"]),
         "host.graph_launch_us": round_sig(host["graph_launch_us"]),
         "host.copy_issue_us": round_sig(host["copy_issue_us"]),
         "host.router_readback_us": round_sig(host["router_readback_us"]),
         "cpu.sockets": mach["sockets"],
         "cpu.cores_per_socket": mach["cores_per_socket"],
-        "cpu.dram_bandwidth_gb_s": round_sig(mach["dram_read_gb_s"]),
+        "cpu.dram_bandwidth_gb_s": round_sig(ce["dram_gb_s"]),
+        "cpu.compute_efficiency": round_sig(ce["compute_efficiency"]),
+        "cpu.call_overhead_us": round_sig(ce["call_overhead_us"]),
+        "cpu.weight_passes.bf16": round_sig(ce["bf16_weight_passes"]),
+        "cpu.overlap_compute_and_memory": False,
         "host_memory.capacity_gib": round_sig(mach["capacity_gib"]),
         "host_memory.pageable_h2d_gb_s": table(r["pageable_h2d_gb_s"]),
         "host_memory.pageable_d2h_gb_s": table(r["pageable_d2h_gb_s"]),
@@ -415,6 +562,10 @@ FIT_SOURCES: dict[str, str] = {
         f"{MEAS_REL}/env.json host_overheads host_enqueue_us_per_launch, {_FIT}: mean over one expert's "
         "kernels (3 GEMM launches + 2 element-wise launches)"
     ),
+    "host.eager_op_us": (
+        f"{MEAS_REL}/expert_gpu.json eager_us, {_FIT}: median of eager_us / 5 ops over the launch-bound "
+        "rows (eager >= 1.25 x graph) of the olmoe and deepseek-v3 shapes; the other shapes are held out"
+    ),
     "host.graph_launch_us": (
         f"assumption: not measured; equal to the measured enqueue of one small kernel "
         f"({MEAS_REL}/env.json host_overheads.tiny_add_, {_FIT})"
@@ -429,8 +580,26 @@ FIT_SOURCES: dict[str, str] = {
     "cpu.sockets": f"{MEAS_REL}/env.json lscpu, measured",
     "cpu.cores_per_socket": f"{MEAS_REL}/env.json lscpu (16 vCPUs, 1 thread per core), measured",
     "cpu.dram_bandwidth_gb_s": (
-        f"{MEAS_REL}/expert_cpu.json, {_FIT}: highest achieved weight-read rate of the CPU expert "
-        "(fp32 Mixtral, 1 token, 704 MB > LLC); a lower bound on the VM's DRAM bandwidth"
+        f"{MEAS_REL}/expert_cpu.json, {_FIT}: slope of time vs weight bytes of the 1-token fp32 rows "
+        "(Mixtral 705 MB, Qwen-MoE 35 MB; one pass over the weights), t = call overhead + bytes / rate"
+    ),
+    "cpu.call_overhead_us": (
+        f"{MEAS_REL}/expert_cpu.json, {_FIT}: intercept of time vs weight bytes of the 1-token fp32 "
+        "rows (fixed cost of one 5-op torch expert call on 16 threads)"
+    ),
+    "cpu.compute_efficiency": (
+        f"{MEAS_REL}/expert_cpu.json, {_FIT}: fp32 Mixtral rows with 2-32 tokens, least squares (relative "
+        "error) of call overhead + bytes / dram + FLOPs / (2150 GFLOP/s assumed fp32 peak x efficiency), "
+        "arithmetic and weight streaming not overlapped"
+    ),
+    "cpu.weight_passes.bf16": (
+        f"{MEAS_REL}/expert_cpu.json, {_FIT}: bf16 Mixtral rows (1-32 tokens), least squares (relative "
+        "error) of the weight passes at the fitted DRAM rate; bf16 time is flat in tokens, about three "
+        "passes over the weights per call"
+    ),
+    "cpu.overlap_compute_and_memory": (
+        f"{MEAS_REL}/expert_cpu.json, {_FIT}: false, the form the CPU fit uses (fp32 time grows with "
+        "tokens well below the FLOP bound)"
     ),
     "host_memory.capacity_gib": f"{MEAS_REL}/env.json meminfo MemTotal, measured",
     "host_memory.pageable_h2d_gb_s": (

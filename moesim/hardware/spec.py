@@ -68,11 +68,21 @@ class HostSpec(StrictModel):
     """Host-thread costs of driving the GPU (the host is an actor in the simulation)."""
 
     launch_us: float = Field(ge=0, description="host time to enqueue one kernel")
+    eager_op_us: float | None = Field(
+        default=None, ge=0,
+        description="host time per op of a framework's eager call sequence (Python, dispatcher, output "
+        "allocation and the launch), charged per kernel launched one by one (eager, fused); None = launch_us",
+    )
     graph_launch_us: float = Field(ge=0, description="host time to launch one CUDA graph")
     copy_issue_us: float = Field(ge=0, description="host time to issue one async copy")
     router_readback_us: float = Field(
         ge=0, description="small device-to-host copy + synchronize, after the GPU result is ready"
     )
+
+    @property
+    def op_launch_us(self) -> float:
+        """Host µs charged per kernel launched one by one: ``eager_op_us`` when set, else ``launch_us``."""
+        return self.launch_us if self.eager_op_us is None else self.eager_op_us
 
 
 class CpuUnitPeak(StrictModel):
@@ -131,6 +141,35 @@ class CpuSpec(StrictModel):
     units: dict[Literal["avx2", "avx512", "amx"], CpuUnitPeak] = Field(
         default_factory=dict, description="per-core peaks of the vector/matrix units the CPU has"
     )
+    call_overhead_us: float | None = Field(
+        default=None, ge=0,
+        description="fixed host time of one CPU expert call (framework ops, thread-pool start and join), µs; "
+        "None = 0",
+    )
+    weight_passes: dict[str, float] = Field(
+        default_factory=dict,
+        description="DRAM passes over an expert's weight bytes per CPU expert call, by expert dtype (a dtype "
+        "left out: 1, the weights streamed once); > 1 when the framework re-lays the weights out every call",
+    )
+    overlap_compute_and_memory: bool = Field(
+        default=True,
+        description="true: a CPU expert takes max(arithmetic, DRAM) time (roofline); false: the two add "
+        "(weight streaming and arithmetic do not overlap)",
+    )
+
+    @field_validator("weight_passes")
+    @classmethod
+    def _passes_known(cls, v):
+        for dt, p in v.items():
+            if dt not in DTYPES:
+                raise ValueError(f"weight_passes: unknown dtype {dt!r}; known: {', '.join(DTYPES)}")
+            if not p >= 1.0:
+                raise ValueError(f"weight_passes[{dt}] must be >= 1 (got {p})")
+        return v
+
+    def passes(self, dtype: str) -> float:
+        """DRAM passes over the weights of one CPU expert call with ``dtype`` weights (default 1)."""
+        return float(self.weight_passes.get(dtype, 1.0))
 
     @field_validator("units")
     @classmethod

@@ -81,6 +81,12 @@ def _by_format(prep, c: dict) -> dict:
     return out
 
 
+def _precision_report(prep) -> dict:
+    """A precision policy's own figures (EdgeMoE's offline assignment), or nothing."""
+    pr = getattr(prep.engine, "precision", None)
+    return pr.policy.report() if pr is not None else {}
+
+
 def _by_tier(prep, c: dict) -> dict:
     """Expert loads and bytes by the tier their home copy lives in (moesim.hardware.tiers); a run
     without tiers has one home: pinned or pageable DRAM, or storage."""
@@ -177,6 +183,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "bytes_topup": int(c.get("precision_levels", {}).get("bytes_topup", 0)),
             "dequant": sc.runtime.dequant,
             "by_format": _by_format(prep, c),
+            **_precision_report(prep),
         },
         "routing": {
             "policy": sc.policies.routing.kind,

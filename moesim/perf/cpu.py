@@ -8,11 +8,17 @@ One expert computed by ``t`` threads (a *worker*) takes, alone,
              bytes node i's threads read remotely / cross-socket rate   (every node i),
              bytes node i's threads read / (threads on i x core bandwidth) )
 
-Decode-time expert math is bound by the DRAM terms. Weights are the bytes; activations are left
-out (kilobytes against hundreds of megabytes). The cores are cut into ``cores // t`` workers: a
-worker with no more threads than a NUMA node has cores stays inside one node; a larger one spans
-``ceil(t / cores_per_node)`` consecutive nodes, its threads split evenly. A worker splits an
-expert's rows over its threads, so the threads on node i read their share of the weights.
+Decode-time expert math is bound by the DRAM terms. Weights are the bytes (times the CPU's
+``weight_passes`` for the dtype: a framework that re-lays the weights out on every call reads and
+writes them more than once); activations are left out (kilobytes against hundreds of megabytes).
+With ``overlap_compute_and_memory: false`` the FLOP term and the longest read term add instead of
+taking the larger, and ``call_overhead_us`` is added to every call (both only for the thread
+roofline; measured tables and the aggregate times already hold them).
+
+The cores are cut into ``cores // t`` workers: a worker with no more threads than a NUMA node has
+cores stays inside one node; a larger one spans ``ceil(t / cores_per_node)`` consecutive nodes,
+its threads split evenly. A worker splits an expert's rows over its threads, so the threads on
+node i read their share of the weights.
 
 Where the weights live (``placement``):
 
@@ -120,9 +126,12 @@ class CpuExpertModel:
                                    tuple(cpu.cores_per_socket // cpu.numa_nodes_per_socket for _ in range(cpu.numa_nodes)))]
         self.table = table_times if unit == "auto" else None
         self.E = num_experts
-        self.nbytes = float(model.expert_bytes)
-        self.flops1 = float(model.expert_flops(1))
         self.dtype = model.expert_dtype or model.dtype
+        # DRAM traffic of one call: the weights times the passes the framework makes over them
+        self.nbytes = float(model.expert_bytes) * cpu.passes(self.dtype)
+        self.flops1 = float(model.expert_flops(1))
+        self.serial = not cpu.overlap_compute_and_memory
+        self.c0 = (cpu.call_overhead_us or 0.0) * 1e-6
         self.pcp = per_core_gflops(cpu, self.dtype, unit) * 1e9 * cpu.compute_efficiency
         self.node_bw = cpu.node_bandwidth * 1e9
         self.cross_bw = None if cpu.cross_socket_bandwidth_gb_s is None else cpu.cross_socket_bandwidth_gb_s * 1e9
@@ -170,20 +179,27 @@ class CpuExpertModel:
         if got is not None:
             return got
         from_node, remote_in, by_group = self.reads(w, home, size)
+        roof = False  # the thread roofline (not a measured table nor the aggregate model's times)
         if self.legacy is not None:
             T = self.legacy[tokens] * size
         else:
             T = self.flops1 * size * tokens / (sum(w.threads_on) * self.pcp)
+            roof = self.table is None
             if self.table is not None:
                 T = self.table[tokens] * size
+        Tm = 0.0  # the longest DRAM / cross-socket / per-core read term
         for j, b in from_node.items():
-            T = max(T, b / self.node_bw)
+            Tm = max(Tm, b / self.node_bw)
         if self.cross_bw is not None:
             for b in remote_in.values():
-                T = max(T, b / self.cross_bw)
+                Tm = max(Tm, b / self.cross_bw)
         if self.core_bw is not None:
             for i, ti in zip(w.nodes, w.threads_on):
-                T = max(T, by_group[i] / (ti * self.core_bw))
+                Tm = max(Tm, by_group[i] / (ti * self.core_bw))
+        if roof:  # CpuSpec: arithmetic and weight streaming overlap (max) or add; fixed per-call cost
+            T = (T + Tm if self.serial else max(T, Tm)) + self.c0
+        else:
+            T = max(T, Tm)
         dem = {("mem", j): b for j, b in from_node.items()}
         if self.cross_bw is not None:
             dem.update({("xin", i): b for i, b in remote_in.items()})

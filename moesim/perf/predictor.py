@@ -183,7 +183,9 @@ class Predictor:
     def cpu_expert_times(self, tokens, threads: int | None = None) -> np.ndarray | None:
         """Host-CPU time (s) of one expert for each token count in ``tokens``: a measured CPU table
         (``HardwareSpec.cpu_expert_profile``) where shape and dtype match, else a roofline of the
-        expert's bytes over the CPU's DRAM bandwidth and its FLOPs over peak x efficiency. Decode
+        expert's bytes (times ``cpu.weight_passes`` of its dtype) over the CPU's DRAM bandwidth and
+        its FLOPs over peak x efficiency, the larger of the two (or their sum when
+        ``cpu.overlap_compute_and_memory`` is false), plus ``cpu.call_overhead_us``. Decode
         expert math on a CPU is bound by DRAM bandwidth. With ``threads``: only a table measured
         at exactly that many threads, else None (the caller models the threads itself, see
         :mod:`moesim.perf.cpu`)."""
@@ -203,8 +205,10 @@ class Predictor:
         dtype = m.expert_dtype or m.dtype
         peak = cpu.peak_gflops_bf16 if dtype in ("bf16", "fp16", "fp8", "int8", "int4") else cpu.peak_gflops_fp32
         tf = m.expert_flops(1) * tok / (peak * 1e9 * cpu.compute_efficiency)
-        tb = m.expert_bytes / (cpu.dram_bandwidth_gb_s * 1e9)
-        return np.where(tok > 0, np.maximum(tf, tb), 0.0)
+        # weight passes per call (re-layout), overlap or not, fixed per-call cost: moesim.hardware.spec.CpuSpec
+        tb = cpu.passes(dtype) * m.expert_bytes / (cpu.dram_bandwidth_gb_s * 1e9)
+        t = np.maximum(tf, tb) if cpu.overlap_compute_and_memory else tf + tb
+        return np.where(tok > 0, t + (cpu.call_overhead_us or 0.0) * 1e-6, 0.0)
 
     def _cpu_table(self, threads: int | None = None):
         name = self.hw.cpu_expert_profile
@@ -230,6 +234,43 @@ class Predictor:
         base = "profile table " + self.hw.cpu_expert_profile if self._cpu_table() is not None else "roofline"
         note = getattr(self, "cpu_model_note", None)
         return base if note is None else f"{base}; {note}"
+
+    # ----- whole blocks on the CPU (llama.cpp -ngl) ---------------------------------------------------
+    def cpu_roofline(self, flops, nbytes, dtype: str):
+        """Host-CPU time (s) of an op of ``flops`` FLOPs reading ``nbytes`` bytes from DRAM, its
+        weights stored as ``dtype``: bytes over the CPU's DRAM bandwidth and FLOPs over the peak
+        of that dtype x ``compute_efficiency`` (the CPU expert roofline's rule), the larger of the
+        two (their sum when the CPU does not overlap them). Works on numpy arrays too."""
+        cpu = self.hw.cpu
+        peak = cpu.peak_gflops_bf16 if dtype in ("bf16", "fp16", "fp8", "int8", "int4") else cpu.peak_gflops_fp32
+        tf = flops / (peak * 1e9 * cpu.compute_efficiency)
+        tb = nbytes / (cpu.dram_bandwidth_gb_s * 1e9)
+        if getattr(cpu, "overlap_compute_and_memory", True):
+            return np.maximum(tf, tb)
+        return tf + tb
+
+    def cpu_block_dense(self, layer: int, batch: int) -> float:
+        """Host-CPU time (s) of block ``layer``'s non-expert part for ``batch`` tokens without the
+        attention core (what :meth:`block_dense` is on the GPU, no kernel fixed time)."""
+        m = self.model
+        params = m.block_dense_params(layer)
+        nbytes = params * m.bytes_per_param + 4.0 * batch * m.hidden_size * m.bytes_per_param
+        return float(self.cpu_roofline(2.0 * params * batch, nbytes, m.dtype))
+
+    def cpu_attention_core(self, batch: int, context) -> np.ndarray:
+        """Host-CPU attention score/value time (s) of one block for ``batch`` sequences at each
+        context length in ``context``, reading their KV cache from host memory."""
+        m = self.model
+        c = np.asarray(context, dtype=np.float64)
+        return self.cpu_roofline(batch * m.attention_core_flops(1) * c, batch * m.kv_bytes_per_token_layer * c,
+                                 m.kv_dtype or m.dtype)
+
+    def cpu_head(self, batch: int) -> float:
+        """Host-CPU time (s) of the final norm, LM head and sampling for ``batch`` tokens."""
+        m = self.model
+        params = m.vocab_size * m.hidden_size
+        nbytes = params * m.embedding_bytes_per_param + batch * m.vocab_size * 4
+        return float(self.cpu_roofline(2.0 * params * batch, nbytes, m.embedding_dtype or m.dtype))
 
     # ----- dense parts ----------------------------------------------------------------------------
     def block_dense(self, layer: int, batch: int, kernels: int) -> OpTime:

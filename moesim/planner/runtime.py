@@ -51,6 +51,9 @@ def runtime_settings(scenario) -> list[str]:
     L, E, eb = len(m.moe_layers), m.num_experts, m.expert_bytes
     cache, ex, pf = pol.cache, pol.execution.kind, pol.prefetch.kind
     out: list[str] = []
+    exc = pol.execution
+    if cache.kind == "all_resident" and ex == "llamacpp" and (exc.n_gpu_layers is not None or exc.override_tensors):
+        return _layout_lines(scenario)
     if cache.kind == "all_resident":
         n = min(cache.cpu_moe_layers, L)
         on_gpu = (L - n) * E
@@ -99,6 +102,32 @@ def runtime_settings(scenario) -> list[str]:
                    f"{whole_layers} layers on the GPU (--n-cpu-moe {_ncm(m, L - whole_layers)})")
     else:
         out.append(f"execution {ex} with a {cache.kind} GPU expert cache of {size}")
+    return out
+
+
+def _layout_lines(scenario) -> list[str]:
+    """The flags of a llama.cpp layout given by ``n_gpu_layers`` / ``override_tensors`` (and the
+    cache's ``cpu_moe_layers``), and where it puts the weights."""
+    from moesim.policies.execution.llamacpp import llamacpp_layout
+
+    m = scenario.model
+    exc = scenario.policies.execution
+    lay = llamacpp_layout(scenario, list(m.moe_layers), "scenario")
+    L, E, eb = len(m.moe_layers), m.num_experts, m.expert_bytes
+    flags = [f"-ngl {99 if exc.n_gpu_layers is None else exc.n_gpu_layers}"]
+    k = min(scenario.policies.cache.cpu_moe_layers, L)
+    flags += [f'-ot "{o}"' for o in exc.override_tensors]
+    if k:
+        flags.append(f"--n-cpu-moe {m.moe_layers[k - 1] + 1}")
+    out = ["llama.cpp: " + " ".join(flags)]
+    if exc.n_gpu_layers is not None:
+        order = ("the output layer first (llama.cpp since Dec 2025)" if lay.order == "output_first"
+                 else "the last blocks first (llama.cpp before Dec 2025)")
+        out.append(f"  {lay.offloaded()}, counting {order}: blocks 0-{lay.gpu_from - 1} and their KV cache on the CPU"
+                   if lay.gpu_from else f"  {lay.offloaded()}, counting {order}")
+    host = len(lay.host_expert_layers)
+    out.append(f"GPU holds {(L - host) * E} of {L * E} experts ({L - host} MoE layers) = {_gib((L - host) * E * eb)}; "
+               f"host holds {host * E} = {_gib(host * E * eb)}")
     return out
 
 

@@ -30,6 +30,11 @@ def test_bundled_scenario_serves_requests(path):
         with pytest.raises(InputError, match="workload.requests"):
             simulate(sc)
         return
+    ngl = getattr(sc.policies.execution, "n_gpu_layers", None)
+    if ngl is not None and ngl <= sc.model.num_layers:  # llama.cpp -ngl with CPU blocks: fixed batches only
+        with pytest.raises(InputError, match="fixed-batch runs only"):
+            simulate(sc)
+        return
     s = simulate(sc).summary
     sv = s["serving"]
     assert sv["finished_requests"] == 4

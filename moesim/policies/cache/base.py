@@ -362,16 +362,17 @@ class CachePolicy(Policy):
                 loads.append((e, evicted))
         return AccessResult(hits, loads, streamed)
 
-    def prefetch(self, column: int, expert: int, t: int, protect) -> tuple[bool, list]:
+    def prefetch(self, column: int, expert: int, t: int, protect, size: int | None = None) -> tuple[bool, list]:
         """Make ``(column, expert)`` resident ahead of use. Returns (inserted, evicted keys); a key
         already resident, refused by ``admit``, or with no evictable room is not inserted.
         ``protect`` holds keys that must not be evicted (the current step's and the prefetch
-        set's)."""
+        set's); ``size``: bytes of the copy when it differs from :meth:`size_of` (a precision
+        policy's format for that expert)."""
         key = column * self.E + expert
         if key in self.resident:
             return False, []
         pool = self.pool_of_column[column]
-        size = self.size_of(key)
+        size = self.size_of(key) if size is None else size
         if not self.admit(pool, key, t) or size > pool.capacity_bytes:
             return False, []
         evicted = []
@@ -381,7 +382,7 @@ class CachePolicy(Policy):
                 return False, evicted
             self._evict(pool, v)
             evicted.append(v)
-        self._insert(pool, key, t)
+        self._insert(pool, key, t, size)
         return True, evicted
 
     def transient_buffer_count(self) -> int:

@@ -11,7 +11,10 @@ the level they hold. The engine reports bytes, kernel time and gate mass per for
 quality proxy.
 
 A simple policy implements :meth:`PrecisionPolicy.decide` (``"full"``, ``"low"`` or ``"skip"`` per
-miss, with one ``low_dtype``); a richer one overrides :meth:`levels` and :meth:`plan_layer`.
+miss, with one ``low_dtype``); a richer one overrides :meth:`levels` and :meth:`plan_layer`. A policy
+that fixes each expert's format ahead of the run (EdgeMoE) also overrides :meth:`prefetch_level`, so
+that prefetched copies load at that format too, and may add figures to ``summary.json`` through
+:meth:`report`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,15 @@ class PrecisionPolicy(Policy):
             d = self.decide(column, e, w)
             out[e] = None if d == "skip" else (1 if d == "low" else 0)
         return out, {}
+
+    def prefetch_level(self, column: int, expert: int) -> int:
+        """The level a prefetched copy of ``(column, expert)`` is loaded at (default 0: the model's
+        expert dtype; a policy with a fixed format per expert, e.g. EdgeMoE, returns that one)."""
+        return 0
+
+    def report(self) -> dict:
+        """The policy's own figures for ``summary.json``'s ``precision`` block (none by default)."""
+        return {}
 
 
 def grow(cache, column: int, key: int, new_bytes: int, protect) -> tuple[bool, list]:

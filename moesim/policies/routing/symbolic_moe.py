@@ -75,7 +75,9 @@ class SymbolicMoE(RoutingPolicy):
     the models): the expert's size multiplier is the model's parameters over the shell's
     ``expert_params``, so a load moves the whole model's bytes, the cache holds whole models in
     bytes, and a decode step of ``n`` tokens costs the model's weight bytes and ``2 x params x n``
-    FLOPs (a roofline of its matmuls). The other MoE layers of the shell route nowhere.
+    FLOPs (a roofline of its matmuls). The other MoE layers of the shell route nowhere and keep the
+    shell's own expert size (so a shell with as many MoE layers as a bundled trace's columns holds
+    the pool's bytes once, not once per layer).
 
     Left open (moesim's choices, as config): the skill-based selection itself, which a routing trace
     cannot carry. A request's rows (the trace's ``request`` ids, else blocks of
@@ -93,6 +95,16 @@ class SymbolicMoE(RoutingPolicy):
     different lengths per model."""
 
     extra_inputs = ("request", "expert_params")
+    #: quality proxy in ``routing.effects``: the share of the requests' votes their k models cover
+    quality_proxy = "skill_vote_coverage"
+
+    def baseline(self, trace, result):
+        """Compared with per-token routing over the same pool: every trace row runs on the model of
+        its own first-column choice (a token-level MoE of whole models), at the models' sizes."""
+        ex = np.asarray(trace.experts)
+        base = np.full_like(ex, -1)
+        base[:, 0] = ex[:, 0]
+        return base, result.size_multipliers
 
     class Config(PolicyConfig):
         """The model pool, k models per request, and the job order."""
@@ -142,7 +154,8 @@ class SymbolicMoE(RoutingPolicy):
         if not expert_params:
             raise InputError("needs the model's expert_params", field="policies.routing", source=src)
         mult = np.array([pm.params_b * 1e9 / expert_params for pm in cfg.models])
-        size = np.broadcast_to(mult, (L, M)).copy()
+        size = np.ones((L, M))
+        size[0] = mult  # only column 0 routes (to the models)
         stats = {
             "requests": len(blocks),
             "jobs": len(jobs),

@@ -1,10 +1,9 @@
 """HOBBIT's vectorised victim choice makes exactly the decisions of the original scan of the pool
-(kept here as the reference), on random traces with prefetches, warm starts and both scopes; and it
-is faster than the scan at a large capacity."""
+(kept here as the reference), on random traces with prefetches, warm starts and both scopes, and at
+a large capacity. How much faster it is is measured in ``benchmarks/test_hobbit_speed.py`` (no
+timed assertion here)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from hypothesis import given, settings
@@ -93,23 +92,22 @@ def test_same_decisions_as_the_scan(w, ws, warm, data):
             t += 1
 
 
-def test_faster_than_the_scan_at_a_large_capacity():
+def test_same_decisions_as_the_scan_at_a_large_capacity():
     rng = np.random.default_rng(0)
     C, E, S = 48, 128, 3
     steps = [[list(rng.choice(E, size=8, replace=False)) for _ in range(C)] for _ in range(S)]
     out = {}
     for name, cls in (("fast", Hobbit), ("scan", HobbitScan)):
         p = cls(Hobbit.Config(capacity_experts=2000, warm_start="first"), make_setup(steps, C, E))
-        t0 = time.perf_counter()
         t = 0
         res = []
         for step in steps:
             for c, needed in enumerate(step):
                 res.append(p.access(c, needed, t).loads)
                 t += 1
-        out[name] = (time.perf_counter() - t0, res)
-    assert out["fast"][1] == out["scan"][1]
-    assert out["fast"][0] < out["scan"][0] / 5, (out["fast"][0], out["scan"][0])
+        out[name] = res
+    assert out["fast"] == out["scan"]
+    assert sum(len(x) for x in out["fast"]) > 0  # the pool was full: victims were chosen
 
 
 def test_victim_is_none_when_everything_is_protected():
