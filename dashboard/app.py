@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - depends on how the app is started
 
 import streamlit as st
 
-from dashboard.views import calibration, compare, curves, timeline, trace, whatif
+from dashboard.views import calibration, cluster, compare, curves, serving, timeline, trace, whatif
 
 PAGES = {
     "What-if": whatif,
@@ -24,14 +24,18 @@ PAGES = {
     "Compare": compare,
     "Trace explorer": trace,
     "Calibration": calibration,
+    "Cluster": cluster,
+    "Serving": serving,
 }
 
 
 def main() -> None:
     st.set_page_config(page_title="moesim dashboard", layout="wide")
-    # keep the What-if edits when another page is shown (widget state is dropped otherwise)
+    # keep the What-if, Cluster and Serving edits when another page is shown (widget state is
+    # dropped otherwise)
     for k in list(st.session_state.keys()):
-        if str(k).startswith(("wi_e_", "wi_base", "wi_auto", "wi_src")):
+        if str(k).startswith(("wi_e_", "wi_base", "wi_auto", "wi_src", "cl_e_", "cl_base", "cl_src", "sv_e_",
+                              "sv_base", "sv_src")):
             st.session_state[k] = st.session_state[k]
     with st.sidebar:
         st.title("moesim")

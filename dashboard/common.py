@@ -53,23 +53,69 @@ MIN_MAX_TOKENS = 64
 UPLOAD_SOURCE = "uploaded scenario"
 
 
+SINGLE_GPU_CLASSES = ("single", "serving", "throughput")  # scenario_class values of one-GPU runs
+
+
 def bundled_scenarios() -> list[str]:
     """Names (file stems) of the single-GPU scenarios in ``scenarios/`` (not its ``presets/``).
 
     Multi-GPU scenarios (a ``cluster:`` block, here or in an included file) are left out: the
-    dashboard's pages are built around one GPU and its expert cache; run those from the CLI."""
+    What-if, Timeline, Curves and Compare pages are built around one GPU and its expert cache; the
+    Cluster and Serving pages list those (:func:`bundled_of_class`)."""
     if not SCENARIOS_DIR.is_dir():
         return []
     return sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml") if p.is_file() and not _multi_gpu(p))
 
 
 def _multi_gpu(path: Path) -> bool:
+    return scenario_class_of(path) in ("cluster", "cluster-serving")
+
+
+_CLASS_MEMO: dict = {}
+
+
+def scenario_class(raw: dict) -> str:
+    """What kind of run a merged raw scenario is: ``single`` (single-GPU decode), ``serving``
+    (single GPU, ``workload.requests``), ``throughput`` (MoE-Lightning / Klotski / MoE-Gen engine),
+    ``cluster`` (expert-parallel decode) or ``cluster-serving`` (requests on a cluster: co-located,
+    attention-FFN or prefill/decode disaggregated)."""
+    from moesim.policies.base import registry
+
+    wl = raw.get("workload")
+    serving = isinstance(wl, dict) and wl.get("requests") is not None
+    if raw.get("cluster") is not None:
+        return "cluster-serving" if serving else "cluster"
+    if serving:
+        return "serving"
+    pol = raw.get("policies")
+    ex = pol.get("execution") if isinstance(pol, dict) else None
+    kind = ex.get("kind") if isinstance(ex, dict) else None
+    cls = registry("execution").get(kind) if isinstance(kind, str) else None
+    return "throughput" if getattr(cls, "throughput_engine", False) else "single"
+
+
+def scenario_class_of(path: Path) -> str | None:
+    """:func:`scenario_class` of a scenario file (memoised by modification time); None when the
+    file does not load (it shows its error when chosen)."""
     from moesim.config.loader import load_raw
 
     try:
-        return "cluster" in load_raw(path)
-    except Exception:  # a broken file shows its error when chosen, as before
-        return False
+        key = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return None
+    if key not in _CLASS_MEMO:
+        try:
+            _CLASS_MEMO[key] = scenario_class(load_raw(path))
+        except Exception:
+            _CLASS_MEMO[key] = None
+    return _CLASS_MEMO[key]
+
+
+def bundled_of_class(*classes: str) -> list[str]:
+    """Names of the bundled scenarios of the given :func:`scenario_class` values."""
+    if not SCENARIOS_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml") if p.is_file() and scenario_class_of(p) in classes)
 
 
 def bundled_traces() -> list[str]:
@@ -91,7 +137,7 @@ def load_bundled(name: str) -> dict:
     """The merged raw mapping of bundled scenario ``name`` (includes resolved, trace path absolute)."""
     from moesim.config.loader import load_raw
 
-    if name not in bundled_scenarios():
+    if name not in {p.stem for p in SCENARIOS_DIR.glob("*.yaml") if p.is_file()}:  # any page's bundled list
         raise InputError(f"unknown bundled scenario {name!r}", source="scenarios/")
     raw = load_raw(SCENARIOS_DIR / f"{name}.yaml")
     raw.setdefault("name", name)
@@ -168,10 +214,19 @@ def confine_trace_path(path: str, *, base: Path, source: str, extra_allowed: tup
 
 
 def check_trace_allowed(raw: dict, *, source: str, extra_allowed: tuple = ()) -> None:
-    """Refuse a merged scenario whose ``trace.path`` leaves ``traces/``."""
+    """Refuse a merged scenario whose ``trace.path`` or request-arrival file
+    (``workload.requests.arrival.path``) leaves ``traces/``."""
     trace = raw.get("trace")
     if isinstance(trace, dict) and isinstance(trace.get("path"), str):
         confine_trace_path(trace["path"], base=SCENARIOS_DIR, source=source, extra_allowed=extra_allowed)
+    wl = raw.get("workload")
+    req = wl.get("requests") if isinstance(wl, dict) else None
+    arr = req.get("arrival") if isinstance(req, dict) else None
+    if isinstance(arr, dict) and arr.get("path") is not None:
+        if not isinstance(arr["path"], str) or not _inside(
+                (SCENARIOS_DIR / Path(arr["path"]).expanduser()).resolve(), TRACES_DIR):
+            raise InputError(f"arrival file {arr['path']!r} is outside the bundled traces/ folder",
+                             source=source, field="workload.requests.arrival.path")
 
 
 def save_uploaded_trace(data: bytes, filename: str = "trace.npz") -> Path:
@@ -221,6 +276,64 @@ def with_token_cap(raw: dict, max_tokens: int) -> dict:
     warm = wl.get("warmup_tokens", 32)
     if isinstance(warm, int) and warm >= wl["max_tokens"]:
         wl["warmup_tokens"] = wl["max_tokens"] // 4
+    return out
+
+
+DEFAULT_CLUSTER_STEPS = 4  # measured decode steps of a multi-GPU run on the Cluster page
+HARD_MAX_CLUSTER_STEPS = 64
+DEFAULT_MAX_REQUESTS = 48  # requests of a run on the Serving page
+HARD_MAX_REQUESTS = 2000
+
+
+def cluster_rows_per_step(sc) -> tuple[int, int]:
+    """Trace rows one decode step of expert-parallel scenario ``sc`` consumes, before and after an
+    elastic change (data-parallel attention ranks x ``workload.batch_size``; the same rule as
+    ``moesim.engine.build_ep``)."""
+    par, B = sc.parallel, sc.workload.batch_size
+    t = par.attention_tp
+    ranks = (par.attention_gpus or sc.cluster.num_gpus) // t
+    el = par.elastic
+    if el is None:
+        return ranks * B, ranks * B
+    end = el.end_gpus or sc.cluster.num_gpus
+    before = (el.start_gpus // t) * B
+    return before, (end // t) * B if end > el.start_gpus else before
+
+
+def with_step_cap(raw: dict, sc, steps: int) -> dict:
+    """``raw`` (validated as ``sc``, a multi-GPU decode scenario) with at most ``steps`` measured
+    decode steps: ``workload.max_tokens`` cut to (warm-up steps + ``steps``) steps' rows, never
+    raised. An elastic run keeps at least two steps after its change."""
+    out = copy.deepcopy(raw)
+    wl = out.setdefault("workload", {})
+    if not isinstance(wl, dict):
+        return out
+    R, R_after = cluster_rows_per_step(sc)
+    warm = sc.workload.warmup_tokens // R
+    total = warm + max(1, int(steps))
+    el = sc.parallel.elastic
+    if el is None:
+        rows = total * R
+    else:
+        total = max(total, el.at_step + 2)
+        rows = el.at_step * R + (total - el.at_step) * R_after
+    wl["max_tokens"] = min(int(sc.workload.max_tokens), rows)
+    return out
+
+
+def with_request_cap(raw: dict, n: int) -> dict:
+    """``raw`` (a serving scenario) with at most ``n`` requests (``workload.requests.num_requests``;
+    an arrival process bounded only by ``duration_s`` gets the cap as well, whichever ends first)."""
+    out = copy.deepcopy(raw)
+    wl = out.get("workload")
+    req = wl.get("requests") if isinstance(wl, dict) else None
+    if not isinstance(req, dict):
+        return out
+    cur = req.get("num_requests")
+    req["num_requests"] = int(n) if not isinstance(cur, int) or isinstance(cur, bool) else min(cur, int(n))
+    warm = req.get("warmup_requests")
+    if isinstance(warm, int) and warm >= req["num_requests"]:
+        req["warmup_requests"] = req["num_requests"] // 4
     return out
 
 
@@ -288,12 +401,14 @@ def _slim(out, timeline: bool) -> dict:
     from moesim.metrics.summary import step_latencies_s
 
     res = out.result
+    has_steps = hasattr(res, "step_end_s")  # serving on a cluster has request-level results only
     d = {
         "summary": out.summary,
-        "lat_ms": step_latencies_s(res) * 1e3,
-        "warmup_steps": int(res.warmup_steps),
-        "notes": list(out.prepared.notes),
+        "lat_ms": step_latencies_s(res) * 1e3 if has_steps else np.zeros(0),
+        "warmup_steps": int(getattr(res, "warmup_steps", 0)),
+        "notes": list(getattr(out.prepared, "notes", None) or []),
         "timeline": None,
+        "requests": None if getattr(out, "requests", None) is None else out.requests.to_pandas(),
     }
     if timeline:
         rows = res.timeline or []
@@ -326,6 +441,142 @@ def key_figures(s: dict) -> dict:
         "copy engine util (%)": 100 * u.get("gpu0.h2d", 0.0),
         "CPU util (%)": 100 * u.get("cpu0", 0.0),
     }
+
+
+_THROUGHPUT_MEASURES = {"system", "sequences", "decode_steps", "warmup_steps", "tokens_per_step", "step_time_ms",
+                        "step_time_per_token_ms", "bytes_h2d_per_token", "bytes_d2h_per_token", "kv_cache_bytes",
+                        "hrm", "policy"}
+
+
+def throughput_policy(tp: dict) -> str:
+    """The policy a throughput-engine system ran with, as one line: the ``throughput`` block's
+    ``policy`` mapping (MoE-Lightning's HRM choice) and its other scalar settings (Klotski's batches,
+    MoE-Gen's module batch sizes, ...)."""
+    items = dict(tp.get("policy") or {})
+    for k, v in tp.items():
+        if k not in _THROUGHPUT_MEASURES and not isinstance(v, (dict, list)) and v is not None:
+            items[k] = v
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items())
+
+
+def throughput_figures(s: dict) -> dict | None:
+    """The ``throughput`` block of a throughput-engine summary (MoE-Lightning, Klotski, MoE-Gen) as
+    a row of a table; None for other runs."""
+    tp = s.get("throughput")
+    if not isinstance(tp, dict):
+        return None
+    hrm = tp.get("hrm") or {}
+    return {
+        "system": tp.get("system"),
+        "tokens/s": s.get("throughput_tok_s"),
+        "sequences per step": tp.get("sequences"),
+        "step time (s)": None if tp.get("step_time_ms") is None else tp["step_time_ms"] / 1e3,
+        "MB host->GPU per token": None if tp.get("bytes_h2d_per_token") is None else tp["bytes_h2d_per_token"] / 1e6,
+        "chosen policy": throughput_policy(tp),
+        "model estimate (tok/s)": hrm.get("throughput_tok_s"),
+        "estimate bound by": hrm.get("bound"),
+    }
+
+
+def throughput_table(rows: dict):
+    """A table of :func:`throughput_figures` rows (label -> figures; None = not a
+    throughput-engine run, shown as n/a)."""
+    import pandas as pd
+
+    keys = next(v for v in rows.values() if v)
+    return pd.DataFrame({lab: (v or {k: None for k in keys}) for lab, v in rows.items()}).T.astype(object)
+
+
+def cluster_figures(s: dict) -> dict:
+    """The headline numbers of an expert-parallel decode summary (its ``expert_parallel`` block)."""
+    ep = s["expert_parallel"]
+    imb, a2a, tr = ep.get("imbalance") or {}, ep.get("alltoall") or {}, ep.get("traffic") or {}
+    tp = s.get("tpot_ms") or {}
+    return {
+        "TPOT mean (ms)": tp.get("mean"),
+        "TPOT p99 (ms)": tp.get("p99"),
+        "throughput (tok/s)": s.get("throughput_tok_s"),
+        "tok/s per GPU": (ep.get("efficiency") or {}).get("tokens_per_s_per_gpu"),
+        "layer load max/mean": imb.get("expert_tokens_max_over_mean"),
+        "busy max/mean": imb.get("busy_max_over_mean"),
+        "all-to-all (ms)": (a2a.get("dispatch_ms") or 0.0) + (a2a.get("combine_ms") or 0.0),
+        "GB between nodes": (tr.get("inter_node_bytes") or 0.0) / 1e9,
+        "GB inside nodes": (tr.get("intra_node_bytes") or 0.0) / 1e9,
+        "all-to-all hidden (ms)": ep.get("alltoall_hidden_ms"),
+    }
+
+
+CLUSTER_LOWER_IS_BETTER = {"TPOT mean (ms)", "TPOT p99 (ms)", "layer load max/mean", "busy max/mean",
+                           "all-to-all (ms)", "GB between nodes", "GB inside nodes"}
+
+
+def serving_figures(s: dict) -> dict:
+    """The headline numbers of a serving summary (single GPU, co-located or disaggregated cluster)."""
+    sv = s.get("serving") or {}
+    slo = sv.get("slo_attainment", sv.get("slo_met_share"))
+
+    def p(block, q):
+        b = s.get(block) or {}
+        return b.get(q)
+
+    return {
+        "TTFT p50 (ms)": p("ttft_ms", "p50"),
+        "TTFT p99 (ms)": p("ttft_ms", "p99"),
+        "TPOT p50 (ms)": p("tpot_ms", "p50"),
+        "TPOT p99 (ms)": p("tpot_ms", "p99"),
+        "e2e p50 (ms)": p("e2e_ms", "p50"),
+        "e2e p99 (ms)": p("e2e_ms", "p99"),
+        "throughput (tok/s)": s.get("throughput_tok_s"),
+        "goodput (req/s)": sv.get("goodput_req_s"),
+        "SLO attainment (%)": None if slo is None else 100 * slo,
+        "finished requests": sv.get("finished_requests", s.get("requests")),
+    }
+
+
+SERVING_LOWER_IS_BETTER = {"TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "e2e p50 (ms)",
+                           "e2e p99 (ms)"}
+
+
+def request_frame(df, warmup_requests: int = 0):
+    """A run's per-request table (``requests.parquet``) in one shape for every serving engine:
+    columns ``arrival_s, start_s`` (first scheduled / prefill start), ``first_token_s, finish_s,
+    output_tokens, ttft_ms, tpot_ms, e2e_ms, queue_ms, measured`` (ms derived from the times where the
+    engine does not write them: the P/D engine). Times in seconds of simulated time."""
+    import pandas as pd
+
+    d = pd.DataFrame({
+        "request": df["request"].to_numpy(),
+        "arrival_s": df["arrival_s"].to_numpy(float),
+        "start_s": df["first_scheduled_s" if "first_scheduled_s" in df else "prefill_start_s"].to_numpy(float),
+        "first_token_s": df["first_token_s"].to_numpy(float),
+        "finish_s": df["finish_s"].to_numpy(float),
+        "output_tokens": df["output_tokens"].to_numpy(int),
+    })
+    done = d["finish_s"] >= 0
+    for col, (a, b) in {"ttft_ms": ("arrival_s", "first_token_s"), "e2e_ms": ("arrival_s", "finish_s"),
+                        "queue_ms": ("arrival_s", "start_s")}.items():
+        d[col] = df[col].to_numpy(float) if col in df else np.where(done, (d[b] - d[a]) * 1e3, np.nan)
+    if "tpot_ms" in df:
+        d["tpot_ms"] = df["tpot_ms"].to_numpy(float)
+    else:
+        n = d["output_tokens"].to_numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d["tpot_ms"] = np.where(done & (n > 1), (d["finish_s"] - d["first_token_s"]) * 1e3 / (n - 1), np.nan)
+    d["measured"] = df["measured"].to_numpy(bool) if "measured" in df else (
+        (d["request"] >= warmup_requests) & done).to_numpy()
+    return d
+
+
+def in_system(d, grid) -> tuple:
+    """Requests waiting (arrived, not yet scheduled) and running (scheduled, not finished) at the
+    times ``grid`` (seconds), from :func:`request_frame`'s table."""
+    t = np.asarray(grid, dtype=float)[:, None]
+    fin = np.where(d["finish_s"].to_numpy() >= 0, d["finish_s"].to_numpy(), np.inf)[None, :]
+    arr, start = d["arrival_s"].to_numpy()[None, :], d["start_s"].to_numpy()[None, :]
+    start = np.where(start >= 0, start, np.inf)
+    waiting = ((arr <= t) & (t < start)).sum(axis=1)
+    running = ((start <= t) & (t < fin)).sum(axis=1)
+    return waiting, running
 
 
 LOWER_IS_BETTER = {"TPOT p50 (ms)", "TPOT p99 (ms)", "TPOT mean (ms)", "GB host->GPU"}

@@ -30,8 +30,6 @@ timestamps or absolute paths, so a test can recompute it from the committed meas
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +48,7 @@ from moesim.hardware.presets import load_hardware_preset
 from moesim.hardware.spec import HardwareSpec
 from moesim.models.spec import ModelSpec
 from moesim.perf.predictor import Predictor
+from validate.harness import write_text_atomic
 
 DEFAULT_PRESET = "h100-sxm-pcie5"
 EAGER_KERNELS = 5
@@ -393,29 +392,23 @@ def figure(report: dict):
     return fig
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_json(report: dict) -> str:
     """The committed JSON text of a report."""
     return json.dumps(report, indent=1, ensure_ascii=False) + "\n"
 
 
-def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``component-report.json``, ``.md`` and ``.html`` into ``out_dir`` (each atomically)."""
+def write_report_files(out_dir: str | Path, stem: str, json_text: str, markdown: str, fig) -> list[Path]:
+    """Write ``<stem>.json``, ``.md`` and ``.html`` (the plotly ``fig``) into ``out_dir``, each
+    atomically; the paths in that order. Shared by the component and the end-to-end reports."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{REPORT_STEM}.{ext}" for ext in ("json", "md", "html")]
-    html = figure(report).to_html(include_plotlyjs="cdn", full_html=True)
-    for p, text in zip(paths, (render_json(report), render_markdown(report), html)):
-        _atomic_write(p, text)
+    paths = [out / f"{stem}.{ext}" for ext in ("json", "md", "html")]
+    html = fig.to_html(include_plotlyjs="cdn", full_html=True)
+    for p, text in zip(paths, (json_text, markdown, html)):
+        write_text_atomic(p, text)
     return paths
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``component-report.json``, ``.md`` and ``.html`` into ``out_dir`` (each atomically)."""
+    return write_report_files(out_dir, REPORT_STEM, render_json(report), render_markdown(report), figure(report))

@@ -228,12 +228,6 @@ def figure(report: dict):
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     """Write ``e2e-report.json``, ``.md`` and ``.html`` into ``out_dir`` (each atomically)."""
-    from validate.compare import _atomic_write, render_json
+    from validate.compare import render_json, write_report_files
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{REPORT_STEM}.{ext}" for ext in ("json", "md", "html")]
-    html = figure(report).to_html(include_plotlyjs="cdn", full_html=True)
-    for p, text in zip(paths, (render_json(report), render_markdown(report), html)):
-        _atomic_write(p, text)
-    return paths
+    return write_report_files(out_dir, REPORT_STEM, render_json(report), render_markdown(report), figure(report))

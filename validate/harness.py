@@ -66,11 +66,12 @@ def stats(values) -> dict:
 
 
 # ----- files -----------------------------------------------------------------------------------
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (folders made as needed) through a temporary file in the same
+    folder and a rename, so a reader never sees a half-written file. Mode 0644: ``mkstemp`` makes
+    0600, and these are ordinary shared files (measurements, reports, profiles)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=1, allow_nan=False, default=_json_default) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -81,6 +82,11 @@ def write_json_atomic(path: str | Path, obj) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename."""
+    return write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False, default=_json_default) + "\n")
 
 
 def _json_default(o):

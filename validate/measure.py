@@ -569,6 +569,33 @@ def measure_interference(torch, bk, sz: Sizes) -> dict:
 
 
 # ----- GPU expert ----------------------------------------------------------------------------------------
+def graph_and_eager_us(bk, call, many, G: int, graph_warm: int, graph_reps: int, eager_reps: int):
+    """Per-call times (µs) of one op, two ways: ``many`` (G calls) captured as a graph and replayed
+    ``graph_warm`` untimed then ``graph_reps`` timed times (each replay's time / G); then, after three
+    untimed ``call()``, ``eager_reps`` calls enqueued back to back with events around each."""
+    replay = bk.graph(many)
+    graph = []
+    for i in range(graph_warm + graph_reps):
+        a, b = bk.event(), bk.event()
+        a.record()
+        replay()
+        b.record()
+        b.synchronize()
+        if i >= graph_warm:
+            graph.append(a.elapsed_time(b) * 1e3 / G)
+    del replay
+    for _ in range(3):
+        call()
+    bk.synchronize()
+    evs = [(bk.event(), bk.event()) for _ in range(eager_reps)]
+    for a, b in evs:
+        a.record()
+        call()
+        b.record()
+    bk.synchronize()
+    return graph, [a.elapsed_time(b) * 1e3 for a, b in evs]
+
+
 def measure_expert_gpu(torch, bk, sz: Sizes) -> dict:
     """``expert_gpu.json``: graph, eager and sync-wall time per call by shape and token count."""
     dev = bk.device
@@ -600,27 +627,7 @@ def measure_expert_gpu(torch, bk, sz: Sizes) -> dict:
                 for j in range(G):
                     swiglu(torch, X[j % nrot], *W[j % nrot])
 
-            replay = bk.graph(many)
-            graph = []
-            for i in range(3 + sz.graph_reps):
-                a, b = bk.event(), bk.event()
-                a.record()
-                replay()
-                b.record()
-                b.synchronize()
-                if i >= 3:
-                    graph.append(a.elapsed_time(b) * 1e3 / G)
-            del replay
-            for _ in range(3):
-                call()
-            bk.synchronize()
-            evs = [(bk.event(), bk.event()) for _ in range(sz.eager_reps)]
-            for a, b in evs:
-                a.record()
-                call()
-                b.record()
-            bk.synchronize()
-            eager = [a.elapsed_time(b) * 1e3 for a, b in evs]
+            graph, eager = graph_and_eager_us(bk, call, many, G, 3, sz.graph_reps, sz.eager_reps)
             wall = []
             for _ in range(sz.sync_reps):
                 bk.synchronize()
@@ -822,27 +829,7 @@ def measure_attention(torch, bk, sz: Sizes) -> dict:
                     for j in range(G):
                         dense_block(torch, X, *caches[j % nrot], W, heads, kvh, d)
 
-                replay = bk.graph(many)
-                graph = []
-                for i in range(2 + sz.attn_graph_reps):
-                    a, b = bk.event(), bk.event()
-                    a.record()
-                    replay()
-                    b.record()
-                    b.synchronize()
-                    if i >= 2:
-                        graph.append(a.elapsed_time(b) * 1e3 / G)
-                del replay
-                for _ in range(3):
-                    call()
-                bk.synchronize()
-                evs = [(bk.event(), bk.event()) for _ in range(sz.attn_eager_reps)]
-                for a, b in evs:
-                    a.record()
-                    call()
-                    b.record()
-                bk.synchronize()
-                eager = [a.elapsed_time(b) * 1e3 for a, b in evs]
+                graph, eager = graph_and_eager_us(bk, call, many, G, 2, sz.attn_graph_reps, sz.attn_eager_reps)
                 rows.append({"shape": shape, "h": h, "heads": heads, "kv_heads": kvh, "head_dim": d, "experts": E,
                              "batch": B, "context": ctx, "nrot": nrot, "weight_bytes": wbytes, "kv_bytes": kv_bytes,
                              "graph_us": stats(graph), "graph_calls_per_replay": G, "eager_us": stats(eager)})

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from moesim.errors import InputError
 from moesim.hardware import fit as hwfit
+from validate.harness import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PART_KEYS = {
@@ -177,20 +176,6 @@ def render_yaml(hardware: dict, measurements: str) -> str:
     return head + yaml.safe_dump(hardware, sort_keys=False, default_flow_style=None, width=120)
 
 
-def _atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def profile_files(res: dict) -> dict[str, str]:
     """File name -> text of a fitted profile."""
     from moesim.perf.uncertainty import render_spread
@@ -206,12 +191,12 @@ def write_profile(res: dict, out_dir: str | Path, *, install: bool = False, forc
     """Write the profile's files into ``out_dir``; with ``install`` also into the package folders
     (``moesim/hardware/presets``, ``moesim/perf/tables``)."""
     files = profile_files(res)
-    written = [_atomic(Path(out_dir) / f, t) for f, t in files.items()]
+    written = [write_text_atomic(Path(out_dir) / f, t) for f, t in files.items()]
     if install:
         preset_dir = ROOT / "moesim" / "hardware" / "presets"
         targets = {f: (preset_dir if f.endswith(".yaml") else hwfit.table_dir()) / f for f in files}
         clash = [str(p) for p in targets.values() if p.exists()]
         if clash and not force:
             raise InputError("would replace " + ", ".join(clash) + "; pass --force", source="--install")
-        written += [_atomic(p, files[f]) for f, p in targets.items()]
+        written += [write_text_atomic(p, files[f]) for f, p in targets.items()]
     return written

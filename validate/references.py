@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from validate.harness import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = Path(__file__).resolve().parent / "references.yaml"
@@ -171,15 +171,4 @@ def render_markdown(rows: list[dict]) -> str:
 def write_report(path: str | Path | None = None, references: str | Path | None = None) -> tuple[Path, list[dict]]:
     """Regenerate the report (atomically) and return its path and rows."""
     rows = reference_rows(references)
-    p = Path(path or REPORT)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(render_markdown(rows))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p, rows
+    return write_text_atomic(path or REPORT, render_markdown(rows)), rows

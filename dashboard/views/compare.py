@@ -46,6 +46,10 @@ def render() -> None:
         return
     table = pd.DataFrame({lab: C.key_figures(o["summary"]) for lab, o in results}).T
     st.dataframe(table.style.format("{:.4g}", na_rep="n/a"), width="stretch")
+    tp_rows = {lab: C.throughput_figures(o["summary"]) for lab, o in results}
+    if any(tp_rows.values()):
+        st.markdown("**Throughput engine** (MoE-Lightning, Klotski, MoE-Gen: the runs' `throughput` blocks)")
+        st.dataframe(C.throughput_table(tp_rows), width="stretch", key="cmp_tp")
     figs = [("TPOT mean (ms)", "TPOT p99 (ms)"), ("throughput (tok/s)",), ("hit rate (%)",), ("GB host->GPU",)]
     bcols = st.columns(len(figs))
     for j, metrics in enumerate(figs):

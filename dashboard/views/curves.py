@@ -100,6 +100,11 @@ def render() -> None:
     except InputError as exc:
         ui.show_error(exc)
         return
+    if C.scenario_class(raw) == "throughput":
+        st.info(f"{label} runs the throughput engine ({sc.policies.execution.kind}), which streams the weights "
+                "itself and has no expert cache to sweep: its throughput block is on the What-if and Compare "
+                "pages. Choose an expert-cache scenario on the What-if page for these curves.")
+        return
     m = sc.model
     total = m.num_experts * len(m.moe_layers)
     kinds_all = [k for k in sorted(registry("cache")) if C.has_capacity(k)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 
 import plotly.graph_objects as go
@@ -32,33 +31,10 @@ def _reset_edits() -> None:
 
 
 def _base() -> tuple[dict | None, str]:
-    """The starting scenario (raw mapping) and its label, from the sidebar-like source picker."""
-    src = st.radio("Start from", ["bundled scenario", "uploaded YAML"], key="wi_src", horizontal=True)
-    if src == "bundled scenario":
-        names = C.bundled_scenarios()
-        if not names:
-            st.error("no bundled scenarios found in " + str(C.SCENARIOS_DIR))
-            return None, ""
-        _init("wi_base", C.DEFAULT_SCENARIO if C.DEFAULT_SCENARIO in names else names[0])
-        name = st.selectbox("Scenario", names, key="wi_base")
-        return C.load_bundled(name), name
-    up = st.file_uploader(
-        f"Scenario YAML (at most {C.MAX_YAML_UPLOAD_BYTES // 1024} KiB; include: and trace paths only "
-        "into the bundled scenarios/ and traces/)", type=["yaml", "yml"], key="wi_upload")
-    if up is not None:
-        data = up.getvalue()
-        try:
-            st.session_state["uploaded_raw"] = C.parse_uploaded_yaml(data, up.name)
-            st.session_state["uploaded_label"] = f"upload:{up.name}:{hashlib.sha256(data).hexdigest()[:8]}"
-        except InputError as exc:
-            st.session_state.pop("uploaded_raw", None)
-            st.error(exc.line())
-            return None, ""
-    raw = st.session_state.get("uploaded_raw")
-    if raw is None:
-        st.info("Upload a scenario YAML to start from it.")
-        return None, ""
-    return copy.deepcopy(raw), st.session_state["uploaded_label"]
+    """The starting scenario (raw mapping) and its label, from the source picker."""
+    return ui.pick_scenario("wi", C.bundled_scenarios(), C.DEFAULT_SCENARIO, accept=C.SINGLE_GPU_CLASSES,
+                            what="a single-GPU scenario (multi-GPU runs: the Cluster and Serving pages)",
+                            raw_key="uploaded_raw", label_key="uploaded_label")
 
 
 def _trace_upload() -> None:
@@ -81,45 +57,6 @@ def _block(raw: dict, name: str) -> dict:
         b = {}
     raw[name] = b
     return b
-
-
-def _policy_editor(fam: str, kinds: list[str], base_block: dict, col) -> dict:
-    """Kind selector plus its simple parameters; returns the policy block to use."""
-    base_kind = base_block.get("kind", kinds[0])
-    with col:
-        _init(_k(fam), base_kind if base_kind in kinds else kinds[0])
-        kind = st.selectbox(f"{fam} policy", kinds, key=_k(fam))
-        block = copy.deepcopy(base_block) if kind == base_kind else {"kind": kind}
-        if fam == "cache" and C.has_capacity(kind):
-            cap0 = base_block.get("capacity_experts") if kind == base_kind else None
-            cap_default = int(base_block.get("capacity_experts") or 96)
-            _init(_k("capacity"), cap_default)
-            cap = st.number_input("cache capacity (expert slots)", min_value=1, max_value=65536, step=8,
-                                  key=_k("capacity"))
-            if cap0 is None or int(cap) != int(cap0):
-                block["capacity_experts"] = int(cap)
-                block.pop("capacity_gib", None)
-        fields = C.policy_fields(fam, kind)
-        if fields:
-            with st.expander(f"{kind} parameters"):
-                for fname, (typ, default, choices) in fields.items():
-                    cur = block.get(fname, default)
-                    key = _k(f"{fam}_{kind}_{fname}")
-                    if choices is not None:
-                        _init(key, cur if cur in choices else choices[0])
-                        v = st.selectbox(fname, choices, key=key)
-                    elif typ is bool:
-                        _init(key, bool(cur))
-                        v = st.checkbox(fname, key=key)
-                    elif typ is int:
-                        _init(key, int(cur))
-                        v = int(st.number_input(fname, step=1, key=key))
-                    else:
-                        _init(key, float(cur))
-                        v = float(st.number_input(fname, key=key, format="%.4g"))
-                    if v != cur:
-                        block[fname] = v
-    return block
 
 
 def build_edited(base_raw: dict) -> tuple[dict, int]:
@@ -164,12 +101,12 @@ def build_edited(base_raw: dict) -> tuple[dict, int]:
         st.markdown("**Policies**")
     for fam, col in (("cache", c2), ("prefetch", c2), ("execution", c2)):
         kinds = sorted(registry(fam))
-        base_block = pol.get(fam) if isinstance(pol.get(fam), dict) else {"kind": kinds[0]}
-        if fam == "prefetch" and "kind" not in base_block:
-            base_block = {"kind": "none"}
-        if fam == "execution" and "kind" not in base_block:
-            base_block = {"kind": "gpu_only"}
-        pol[fam] = _policy_editor(fam, kinds, base_block, col)
+        # a family the scenario leaves out starts at the schema's default kind (not the first listed)
+        default_kind = {"cache": kinds[0], "prefetch": "none", "execution": "gpu_only"}[fam]
+        base_block = pol.get(fam) if isinstance(pol.get(fam), dict) else {}
+        if "kind" not in base_block:
+            base_block = {**base_block, "kind": default_kind}
+        pol[fam] = ui.policy_editor(fam, kinds, base_block, col, _k)
     with c3:
         st.markdown("**Workload and trace**")
         wl = _block(raw, "workload")
@@ -202,18 +139,6 @@ def build_edited(base_raw: dict) -> tuple[dict, int]:
             raw["trace"] = {"path": str(C.TRACES_DIR / tr)}
         _trace_upload()
     return raw, int(cap)
-
-
-def _metric_row(figs: dict, base: dict | None) -> None:
-    cols = st.columns(len(figs) // 2 + len(figs) % 2)
-    for i, (name, v) in enumerate(figs.items()):
-        b = None if base is None else base.get(name)
-        delta = None
-        if v is not None and b is not None and abs(v - b) > 1e-12:
-            delta = f"{v - b:+.4g}"
-        with cols[i % len(cols)]:
-            st.metric(name, "n/a" if v is None else f"{v:.4g}", delta=delta,
-                      delta_color="inverse" if name in C.LOWER_IS_BETTER else "normal")
 
 
 def _critical_path_fig(base_s: dict, s: dict):
@@ -271,7 +196,11 @@ def render() -> None:
     st.subheader("Key figures")
     st.caption(f"{s['tokens']} measured tokens ({s['decode_steps']} decode steps, {s['warmup_steps']} warm-up); "
                f"deltas against the starting scenario under the same token cap. Hash {s['scenario_hash'][:8]}.")
-    _metric_row(C.key_figures(s), C.key_figures(sb))
+    ui.metric_row(C.key_figures(s), C.key_figures(sb))
+    tp_rows = {lab: C.throughput_figures(x) for lab, x in (("starting", sb), ("edited", s))}
+    if any(tp_rows.values()):
+        st.markdown("**Throughput engine** (the run's `throughput` block)")
+        st.dataframe(C.throughput_table(tp_rows), width="stretch", key="wi_tp")
     st.plotly_chart(_critical_path_fig(sb, s), width="stretch", key="wi_cp")
     for note in out["notes"]:
         st.caption("note: " + note)

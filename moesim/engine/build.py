@@ -664,9 +664,10 @@ def _scheduler(scenario, serving_in: dict, memory: dict, plan, table, source: st
     return sched
 
 
-def apply_routing(scenario, trace, source: str):
+def apply_routing(scenario, trace, source: str, step_rows: int | None = None):
     """The trace with the scenario's routing policy applied (a copy), and what it changed; None
-    when the routing is replayed unchanged."""
+    when the routing is replayed unchanged. ``step_rows``: trace rows of one decode step, the
+    steps its ``effects`` count in (default ``workload.batch_size``: one GPU's batch)."""
     import dataclasses
 
     cfg = scenario.policies.routing
@@ -690,7 +691,8 @@ def apply_routing(scenario, trace, source: str):
     meta = dict(trace.meta or {})
     # bytes moved, compute, cache and quality before vs after (steps of batch_size rows)
     effects = pol.effects(trace, res, num_experts=scenario.model.num_experts,
-                          expert_bytes=scenario.model.expert_bytes, step_rows=scenario.workload.batch_size)
+                          expert_bytes=scenario.model.expert_bytes,
+                          step_rows=scenario.workload.batch_size if step_rows is None else step_rows)
     meta["routing_transform"] = {"kind": cfg.kind, "note": note, **res.stats, "effects": effects}
     return dataclasses.replace(trace, experts=res.experts, weights=res.weights, meta=meta, **extra), res
 

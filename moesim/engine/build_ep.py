@@ -126,15 +126,15 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
         trace, num_experts=m.num_experts, moe_layers=m.moe_layers, layers=scenario.trace.layers, source=tsrc,
     )
     trace_layers = tuple(int(x) for x in trace_layers)
-    routing = apply_routing(scenario, trace, source)
+    B = wl.batch_size
+    R = (A // t) * B  # rows of one decode step: every data-parallel rank's batch
+    routing = apply_routing(scenario, trace, source, step_rows=R)
     if routing is not None:
         trace = routing[0]
     model_layers, col_src, borrowed = map_columns(m, trace_layers)
     sizes = expert_sizes(scenario, routing, col_src, source)
     experts = np.asarray(trace.experts)
     T = experts.shape[0]
-    B = wl.batch_size
-    R = (A // t) * B
     R_after = R
     if el is not None and A_after > A:
         R_after = (A_after // t) * B  # scale-up: the new GPUs take new sequences

@@ -454,6 +454,16 @@ class SingleGpuEngine:
                 if flag:
                     pf_wasted += 1
 
+        def room_free_at(evicted, end_of=last_end.get):
+            # when the cache room that evicted keys leave is free: the end of their last kernel
+            # (0 for a key that never ran); a copy into that room starts no earlier
+            slot = 0.0
+            for v in evicted:
+                le = end_of(v, 0.0)
+                if le > slot:
+                    slot = le
+            return slot
+
         def prefetch(s, c, experts, t, measured):
             # after layer c's router: load what the prefetcher predicts, behind the demand loads
             nonlocal pf_issued, pf_pred, pf_pred_right, pf_true, pf_evicted
@@ -474,11 +484,7 @@ class SingleGpuEngine:
                         pf_evicted += len(evicted)
                 if ok:
                     key = c2 * E + e
-                    slot = 0.0
-                    for v in evicted:
-                        le = last_end.get(v, 0.0)
-                        if le > slot:
-                            slot = le
+                    slot = room_free_at(evicted)
                     if plv:
                         issue_copy(key, e, slot, "prefetch", s, mlayers[c2], measured, pr_copy[plv], pr_b[plv], plv)
                         key_lvl[key] = plv
@@ -694,11 +700,7 @@ class SingleGpuEngine:
                         if evicted:
                             dropped(evicted)
                         if ok:
-                            slot = 0.0
-                            for v in evicted:
-                                le = last_end.get(v, 0.0)
-                                if le > slot:
-                                    slot = le
+                            slot = room_free_at(evicted)
                             issue_copy(base + hot, hot, slot, "swap", s, layer, measured)
                             if measured:
                                 n_swaps += 1
@@ -750,11 +752,7 @@ class SingleGpuEngine:
                                     n_evict += len(evicted)
                             if not ok:
                                 continue
-                            slot = 0.0  # the added slices go to room the victims free
-                            for v in evicted:
-                                le = last_end.get(v, 0.0)
-                                if le > slot:
-                                    slot = le
+                            slot = room_free_at(evicted)  # the added slices go to room the victims free
                             nb = pr_b[lv] - old
                             d = ct_memo.get((nb, not pageable))
                             if d is None:
@@ -797,13 +795,11 @@ class SingleGpuEngine:
                     for _, ev in res.loads:
                         if ev:
                             dropped(ev)
+                    if res.orphans:
+                        dropped(res.orphans)
                 # ---- copies: demand loads first, then streamed experts ------------------------------
                 for e, evicted in res.loads:
-                    slot = 0.0
-                    for v in evicted:
-                        le = last_end.get(v, 0.0)
-                        if le > slot:
-                            slot = le
+                    slot = room_free_at(evicted)
                     lv = lvl_now.get(e) if lvl_now else None
                     if lv:
                         issue_copy(base + e, e, slot, "copy", s, layer, measured, pr_copy[lv], pr_b[lv], lv)
@@ -980,6 +976,7 @@ class SingleGpuEngine:
                     ne = 0
                     for _, ev in res.loads:
                         ne += len(ev)
+                    ne += len(res.orphans)
                     n_acc += nh + nl + ns
                     n_hit += nh
                     n_miss += nl + ns

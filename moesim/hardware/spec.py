@@ -300,10 +300,12 @@ class HardwareSpec(StrictModel):
     link: LinkSpec
     storage: StorageSpec | None = None
     expert_profile: str | None = Field(
-        default=None, description="name of a measured expert-time table in moesim/perf/tables"
+        default=None, pattern=r"^[A-Za-z0-9_.+-]+$",
+        description="name of a measured expert-time table in moesim/perf/tables (a name, not a path)",
     )
     cpu_expert_profile: str | None = Field(
-        default=None, description="name of a measured CPU expert-time table in moesim/perf/tables"
+        default=None, pattern=r"^[A-Za-z0-9_.+-]+$",
+        description="name of a measured CPU expert-time table in moesim/perf/tables (a name, not a path)",
     )
     sources: dict[str, str] = Field(default_factory=dict)
 

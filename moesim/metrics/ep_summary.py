@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moesim.metrics.summary import run_header
+from moesim.metrics.summary import routing_block, run_header, step_latencies_s
 
 GPU_MATRIX_MAX = 64  # the GPU x GPU traffic matrix goes into summary.json up to this many GPUs
 
@@ -49,8 +49,7 @@ def build_ep_summary(prep, res, *, scenario_hash: str, wall_time_s: float) -> di
     topo = prep.topo
     G = topo.num_gpus
     ends = res.step_end_s
-    starts = np.concatenate([[0.0], ends[:-1]])
-    lat = (ends - starts)[res.warmup_steps:]
+    lat = step_latencies_s(res)
     window = float(ends[-1] - res.measure_start_s)
     n_steps = len(lat)
     R = res.tokens_per_step
@@ -205,6 +204,7 @@ def build_ep_summary(prep, res, *, scenario_hash: str, wall_time_s: float) -> di
             "copies": 0,
             "expert_bytes": int(sc.model.expert_bytes),
         },
+        "routing": routing_block(sc, prep.trace),
         "utilization": util,
         "critical_path_ms": cp,
         "memory": prep.memory,

@@ -51,6 +51,37 @@ def run_header(sc, *, scenario_hash, wall_time_s, events, sim_time_s, window, to
     }
 
 
+def window_split(res, cp_keys, window: float) -> tuple[dict, dict]:
+    """``critical_path_ms`` (the measured steps' parts, one per key of ``cp_keys``, plus ``total``:
+    the measured window) and ``utilization`` (each resource's busy seconds over the window) of an
+    engine result with ``step_parts_s``, ``warmup_steps`` and ``busy_s``."""
+    parts = res.step_parts_s[res.warmup_steps :].sum(axis=0) * 1e3
+    cp = {k: float(parts[i]) for i, k in enumerate(cp_keys)}
+    cp["total"] = float(window * 1e3)
+    util = {k: (float(v / window) if window > 0 else 0.0) for k, v in sorted(res.busy_s.items())}
+    return cp, util
+
+
+def layer_cache_row(layer, column, hits: int, misses: int) -> dict:
+    """The leading keys of a ``per_layer`` entry: model layer, trace column and its cache accesses."""
+    return {
+        "layer": int(layer),
+        "trace_column": int(column),
+        "accesses": hits + misses,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": (hits / (hits + misses)) if hits + misses else None,
+    }
+
+
+def routing_block(sc, trace) -> dict:
+    """``routing``: the scenario's routing policy and what its transform reported when the run
+    applied one (:func:`moesim.engine.build.apply_routing`: the policy's stats and ``effects``);
+    the same block for every engine."""
+    tr = (trace.meta or {}).get("routing_transform", {})
+    return {"policy": sc.policies.routing.kind, **{k: v for k, v in tr.items() if k not in ("kind", "note")}}
+
+
 def _execution_block(prep, counters: dict) -> dict:
     """``{"execution": {...}}`` with an execution policy's own figures (DAOP's swaps and
     pre-calculations), or nothing for policies that report none."""
@@ -108,22 +139,14 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
     tokens = measured_steps * B
     c = res.counters
     acc = c["accesses"]
-    parts = res.step_parts_s[res.warmup_steps :].sum(axis=0) * 1e3
-    cp = {k: float(parts[i]) for i, k in enumerate(CP_KEYS)}
-    cp["total"] = float(window * 1e3)
-    util = {k: (float(v / window) if window > 0 else 0.0) for k, v in sorted(res.busy_s.items())}
+    cp, util = window_split(res, CP_KEYS, window)
     per_layer = []
     pc = res.per_column
     for i, layer in enumerate(prep.model_layers):
         h, m_ = int(pc["hits"][i]), int(pc["misses"][i])
         per_layer.append(
             {
-                "layer": int(layer),
-                "trace_column": int(prep.col_src[i]),
-                "accesses": h + m_,
-                "hits": h,
-                "misses": m_,
-                "hit_rate": (h / (h + m_)) if h + m_ else None,
+                **layer_cache_row(layer, prep.col_src[i], h, m_),
                 "loads": int(pc["loads"][i]),
                 "streamed": int(pc["streamed"][i]),
                 "cpu_executed": int(pc["cpu_experts"][i]),
@@ -185,10 +208,7 @@ def build_summary(prep, res: EngineResult, *, scenario_hash: str, wall_time_s: f
             "by_format": _by_format(prep, c),
             **_precision_report(prep),
         },
-        "routing": {
-            "policy": sc.policies.routing.kind,
-            **{k: v for k, v in (prep.trace.meta or {}).get("routing_transform", {}).items() if k not in ("kind", "note")},
-        },
+        "routing": routing_block(sc, prep.trace),
         "utilization": util,
         "critical_path_ms": cp,
         "memory": prep.memory,

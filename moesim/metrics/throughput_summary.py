@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.engine.throughput import TP_CP_KEYS
-from moesim.metrics.summary import run_header, step_latencies_s
+from moesim.metrics.summary import (
+    layer_cache_row,
+    routing_block,
+    run_header,
+    step_latencies_s,
+    window_split,
+)
 
 
 def build_throughput_summary(prep, res, *, scenario_hash: str, wall_time_s: float) -> dict:
@@ -20,10 +26,7 @@ def build_throughput_summary(prep, res, *, scenario_hash: str, wall_time_s: floa
     tokens = measured * N
     c = res.counters
     W = res.warmup_steps
-    parts = res.step_parts_s[W:].sum(axis=0) * 1e3
-    cp = {k: float(parts[i]) for i, k in enumerate(TP_CP_KEYS)}
-    cp["total"] = float(window * 1e3)
-    util = {k: (float(v / window) if window > 0 else 0.0) for k, v in sorted(res.busy_s.items())}
+    cp, util = window_split(res, TP_CP_KEYS, window)
     acc = {"accesses": 0, "hits": 0, "misses": 0, "loads": 0, "prefetch_issued": 0, "prefetch_used": 0,
            "prefetch_wasted": 0}
     per_block: dict = {}
@@ -42,12 +45,7 @@ def build_throughput_summary(prep, res, *, scenario_hash: str, wall_time_s: floa
         row = per_block.get(layer, dict.fromkeys(acc, 0))
         h, m_ = row["hits"], row["misses"]
         per_layer.append({
-            "layer": int(layer),
-            "trace_column": int(prep.col_src[i]),
-            "accesses": h + m_,
-            "hits": h,
-            "misses": m_,
-            "hit_rate": (h / (h + m_)) if h + m_ else None,
+            **layer_cache_row(layer, prep.col_src[i], h, m_),
             "loads": row["loads"],
             "prefetch_issued": row["prefetch_issued"],
             "prefetch_used": row["prefetch_used"],
@@ -91,10 +89,7 @@ def build_throughput_summary(prep, res, *, scenario_hash: str, wall_time_s: floa
             "copies": int(c["copies_h2d"] + c["copies_d2h"]),
             "expert_bytes": int(sc.model.expert_bytes),
         },
-        "routing": {
-            "policy": sc.policies.routing.kind,
-            **{k: v for k, v in (prep.trace.meta or {}).get("routing_transform", {}).items() if k not in ("kind", "note")},
-        },
+        "routing": routing_block(sc, prep.trace),
         "utilization": util,
         "critical_path_ms": cp,
         "memory": prep.memory,

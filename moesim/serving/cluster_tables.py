@@ -90,7 +90,7 @@ class RoutingFile:
             self.block = tc.model_dump(mode="json")
             return self
         self.dir = tempfile.mkdtemp(prefix="moesim-routing-")
-        path = Path(self.dir) / "routing.npz"
+        path = Path(self.dir) / "routing"  # a directory trace: memory-mapped, not compressed
         save_trace(trace, path)
         self.block = {"path": str(path), "layers": tc.layers}
         return self

@@ -16,8 +16,12 @@ The generator, per MoE layer ``l``:
 
 All randomness comes from ``numpy.random.SeedSequence(seed)`` (one spawned child stream per
 purpose), so a seed gives the same trace on every machine and numpy release that keeps the
-``Generator`` streams stable. Work is vectorised over tokens and layers; the reuse chain is
-resolved in rounds of equal chain depth rather than token by token.
+``Generator`` streams stable. Work is vectorised over tokens and layers: the race winners are
+found by sorting only the times below a per-layer threshold (rows with ties take the plain
+``argpartition`` rule, which defines the result), and the reuse chain is resolved in rounds of
+equal chain depth, or by fixed-point sweeps when chains are deep, rather than token by token.
+These are speed choices only: for a seed the output is the same byte for byte as the plain
+row-by-row statement of the algorithm (checked in ``tests/traces/test_synthetic_speed_equivalence.py``).
 """
 
 from __future__ import annotations
@@ -237,32 +241,140 @@ def _race_top_k(rng: np.random.Generator, logw: np.ndarray, T: int, K: int) -> n
 
     Exponential races: expert ``e`` finishes at ``Exp(1) / w_e``; the first K to finish, in order,
     are a weighted sample without replacement (the same law as Gumbel-top-k, cheaper to draw).
+    The finishing times are float32 ``standard_exponential`` draws times ``1 / w_e`` (float32),
+    drawn in chunks of whole tokens; the result is defined as ``argpartition`` of a row's times
+    followed by a stable ``argsort`` of the K selected (:func:`_top_k_rows_reference`). Rows whose
+    K+1 smallest times are distinct have exactly one answer (the K smallest, increasing), which
+    :func:`_top_k_rows` finds faster; the rare rows with ties are answered by the reference.
     """
     L, E = logw.shape
     inv_w = np.exp(-logw).astype(np.float32)
     out = np.empty((T, L, K), dtype=np.int32)
     rows = max(1, _CHUNK_ENTRIES // (L * E))
+    buf = np.empty((min(rows, T), L, E), dtype=np.float32)
+    thr = _race_thresholds(inv_w, K)
     for a in range(0, T, rows):
         b = min(T, a + rows)
-        key = rng.standard_exponential(size=(b - a, L, E), dtype=np.float32)
+        key = buf[: b - a]
+        rng.standard_exponential(out=key, dtype=np.float32)  # the same stream as size=(b - a, L, E)
         key *= inv_w
         if K == E:
-            idx = np.argsort(key, axis=2, kind="stable")
+            out[a:b] = np.argsort(key, axis=2, kind="stable")
+        elif thr is None:
+            out[a:b] = _top_k_rows_reference(key.reshape(-1, E), K).reshape(b - a, L, K)
         else:
-            part = np.argpartition(key, K - 1, axis=2)[:, :, :K]
-            order = np.argsort(np.take_along_axis(key, part, axis=2), axis=2, kind="stable")
-            idx = np.take_along_axis(part, order, axis=2)
-        out[a:b] = idx
+            out[a:b] = _top_k_rows(key, thr, K).reshape(b - a, L, K)
     return out
+
+
+def _top_k_rows_reference(key: np.ndarray, K: int) -> np.ndarray:
+    """``[R, K]``: per row of ``key`` ``[R, E]``, ``argpartition`` then a stable ``argsort`` of the
+    K selected (the definition of the race's result, ties included)."""
+    part = np.argpartition(key, K - 1, axis=1)[:, :K]
+    order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+#: A layer's race threshold is set so that a row has fewer than K+1 times below it with about this
+#: probability (Poisson approximation); such rows, and rows with ties, take the reference path.
+_RACE_MISS_PROB = 0.02
+
+
+def _race_thresholds(inv_w: np.ndarray, K: int) -> np.ndarray | None:
+    """Per layer, a time ``theta_l`` (float32 ``[L, 1]``) below which a row of the race has about
+    ``mu`` experts, ``mu`` chosen so that fewer than K+1 fall below it with probability
+    :data:`_RACE_MISS_PROB`; ``None`` where filtering would not pay (the threshold would keep more
+    than half of the experts) or the packed sort key of :func:`_top_k_rows` would not fit.
+
+    Only speed depends on these values, never the result."""
+    L, E = inv_w.shape
+    rows = max(1, _CHUNK_ENTRIES // (L * E))
+    if K >= E or int(rows * L - 1).bit_length() + 31 + max(1, int(E - 1).bit_length()) > 64:
+        return None
+    # mu: P(Poisson(mu) <= K) = miss probability (bisection on the log of the Poisson CDF)
+    def log_cdf(mu: float) -> float:
+        terms = [j * math.log(mu) - math.lgamma(j + 1) for j in range(K + 1)]
+        top = max(terms)
+        return top + math.log(sum(math.exp(t - top) for t in terms)) - mu
+
+    lo, hi = float(K + 1), float(4 * (K + 1) + 64)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if log_cdf(mid) > math.log(_RACE_MISS_PROB) else (lo, mid)
+    mu = hi
+    if mu > 0.5 * E:
+        return None
+    with np.errstate(divide="ignore", over="ignore"):
+        w = 1.0 / inv_w.astype(np.float64)  # P(time_e < theta) = 1 - exp(-theta w_e)
+    reach = (w > 0).sum(axis=1)
+
+    def expected(theta):
+        return -np.expm1(-theta[:, None] * w).sum(axis=1)
+
+    lo = np.zeros(L)
+    hi = np.ones(L)
+    for _ in range(2100):  # float64 reaches 1e308 well within this many doublings
+        short = (expected(hi) < mu) & (reach >= mu)
+        if not short.any():
+            break
+        hi = np.where(short, hi * 2.0, hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        below = expected(mid) < mu
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    theta = np.where(reach >= mu, hi, np.inf)  # too few reachable experts: keep every finite time
+    with np.errstate(over="ignore"):
+        return theta.astype(np.float32)[:, None]
+
+
+def _top_k_rows(key: np.ndarray, thr: np.ndarray, K: int) -> np.ndarray:
+    """``[R, K]`` int32 for the rows of ``key`` ``[n, L, E]`` (row r = token r // L, layer r % L):
+    the same as :func:`_top_k_rows_reference`, by sorting only the times below the layer's
+    threshold ``thr`` ``[L, 1]``.
+
+    A row with at least K+1 times below its threshold whose K+1 smallest are distinct has one
+    answer, its K smallest in increasing order. Those times are positive finite float32, whose bit
+    patterns sort like the values, so one stable sort of ``row | time bits | expert`` packed in a
+    uint64 orders every row's candidates at once. Other rows (too few below the threshold, ties,
+    NaN) take the reference path on their full row, which gives them their original answer.
+    """
+    n, L, E = key.shape
+    R = n * L
+    flat = key.reshape(R, E)
+    eb = max(1, int(E - 1).bit_length())
+    hit = np.flatnonzero(key < thr)
+    row = hit // E
+    packed = row.astype(np.uint64) << np.uint64(31 + eb)
+    packed |= flat.ravel()[hit].view(np.uint32).astype(np.uint64) << np.uint64(eb)
+    packed |= (hit - row * E).astype(np.uint64)
+    packed.sort(kind="stable")  # rows are already in order: the merge sort only sorts inside rows
+    cnt = np.bincount(row, minlength=R)
+    good = np.flatnonzero(cnt > K)
+    first = np.cumsum(cnt)[good] - cnt[good]
+    sel = packed[first[:, None] + np.arange(K + 1)]
+    t = sel >> np.uint64(eb)
+    ok = (t[:, 1:] > t[:, :-1]).all(axis=1)
+    res = np.empty((R, K), dtype=np.int32)
+    res[good[ok]] = sel[ok, :K] & np.uint64((1 << eb) - 1)
+    bad = np.ones(R, dtype=bool)
+    bad[good[ok]] = False
+    bad = np.flatnonzero(bad)
+    if bad.size:
+        res[bad] = _top_k_rows_reference(flat[bad], K)
+    return res
 
 
 def _fill_rows(prev: np.ndarray, m: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Rows ``[n, K]``: reused ranks (``m``) take ``prev``; the other ranks take, in order, the
     candidates ``c`` that are not among the reused experts."""
     reused = np.where(m, prev, -1)
-    taken = (c[:, :, None] == reused[:, None, :]).any(axis=2)
+    taken = c == reused[:, :1]
+    for k in range(1, c.shape[1]):
+        taken |= c == reused[:, k : k + 1]
     avail = np.take_along_axis(c, np.argsort(taken, axis=1, kind="stable"), axis=1)
-    slot = np.maximum(np.cumsum(~m, axis=1) - 1, 0)
+    slot = np.cumsum(~m, axis=1)
+    slot -= 1
+    np.maximum(slot, 0, out=slot)
     return np.where(m, prev, np.take_along_axis(avail, slot, axis=1))
 
 
@@ -272,34 +384,102 @@ def _resolve_reuse(cand: np.ndarray, reuse: np.ndarray) -> np.ndarray:
     Rows with no reuse are their candidates; rows where every rank is reused copy the last earlier
     row that is not fully reused; the rest ("partial" rows) depend on the row before them, so they
     are filled in rounds by chain depth (partial rows since the last reuse-free row), every row of
-    one depth at once.
+    one depth at once. Rows are addressed by flat index ``t * L + l``. When the chains are so deep
+    that the rounds would be many and small (few columns, reuse near 1), :func:`_resolve_reuse_jacobi`
+    is tried first.
     """
     T, L, K = cand.shape
-    n_re = reuse.sum(axis=2)
+    n_re = np.count_nonzero(reuse, axis=2)
     none = n_re == 0
     full = n_re == K
-    partial = ~none & ~full
+    partial = ~(none | full)
+    out = cand.copy()
+    if not (partial.any() or full.any()):
+        return out
     t_idx = np.arange(T)[:, None]
-    # last row <= t that is not fully reused (row 0 never reuses)
-    src = np.maximum.accumulate(np.where(full, 0, t_idx), axis=0)
-    out = np.empty_like(cand)
-    out[none] = cand[none]
     if partial.any():
         last_none = np.maximum.accumulate(np.where(none, t_idx, 0), axis=0)
         n_part = np.cumsum(partial, axis=0)
-        depth = n_part - np.take_along_axis(n_part, last_none, axis=0)
-        ts, ls = np.nonzero(partial)
-        d = depth[ts, ls]
+        depth = (n_part - np.take_along_axis(n_part, last_none, axis=0)).ravel()
+        idx = np.flatnonzero(partial)
+        d = depth[idx]
+        rounds = int(d.max())
+        if (rounds > _JACOBI_MIN_ROUNDS and rounds * _JACOBI_ROUND_ENTRIES > T * L * K
+                and 4 * K <= int(cand.max()) + 1):  # with few experts most fresh draws collide
+            got = _resolve_reuse_jacobi(cand, reuse)
+            if got is not None:
+                return got
+        if rounds < np.iinfo(np.int16).max:
+            d = d.astype(np.int16)  # a stable sort of 16-bit integers is a radix sort
         order = np.argsort(d, kind="stable")
-        ts, ls, d = ts[order], ls[order], d[order]
-        bounds = np.flatnonzero(np.diff(d)) + 1
-        for tt, ll in zip(np.split(ts, bounds), np.split(ls, bounds)):
-            prev = out[src[tt - 1, ll], ll]
-            out[tt, ll] = _fill_rows(prev, reuse[tt, ll], cand[tt, ll])
-    tf, lf = np.nonzero(full)
-    if tf.size:
-        out[tf, lf] = out[src[tf, lf], lf]
+        idx, d = idx[order], d[order]
+    # flat index of the last row <= t (same layer) that is not fully reused (row 0 never reuses)
+    src = (np.maximum.accumulate(np.where(full, 0, t_idx), axis=0) * L + np.arange(L)).ravel()
+    rows_out = out.reshape(T * L, K)
+    if partial.any():
+        rows_cand = cand.reshape(T * L, K)
+        rows_reuse = reuse.reshape(T * L, K)
+        for part in np.split(idx, np.flatnonzero(np.diff(d)) + 1):
+            prev = rows_out[src[part - L]]
+            rows_out[part] = _fill_rows(prev, rows_reuse[part], rows_cand[part])
+    f = np.flatnonzero(full)
+    if f.size:
+        rows_out[f] = rows_out[src[f]]
     return out
+
+
+#: Deep reuse chains go to the Jacobi solver when there are more than this many rounds, the
+#: rounds outnumber ``T * L * K / _JACOBI_ROUND_ENTRIES`` (a round costs a few numpy calls, a
+#: Jacobi sweep a few passes over all entries) and there are at least 4K experts; a sweep cap
+#: bounds the work lost if it does not settle (the rounds then do it). Speed only: both give the
+#: same rows.
+_JACOBI_MIN_ROUNDS = 64
+_JACOBI_ROUND_ENTRIES = 1500
+_JACOBI_MAX_SWEEPS = 32
+
+
+def _resolve_reuse_jacobi(cand: np.ndarray, reuse: np.ndarray) -> np.ndarray | None:
+    """:func:`_resolve_reuse` by fixed-point sweeps, or ``None`` if it has not settled after
+    :data:`_JACOBI_MAX_SWEEPS` sweeps.
+
+    Write ``fresh[t, k]`` for what rank k of row t takes when it is not reused; a reused rank
+    holds ``fresh[s, k]`` of the last row ``s <= t`` where that rank was not reused (a gather, so a
+    chain of copies of any length costs one step). Every sweep recomputes the fresh ranks of the
+    rows whose previous row changed from the current guess of that previous row. Each row depends
+    only on earlier rows, so the system has exactly one fixed point (the sequential answer); a
+    sweep that changes nothing has reached it. Sweeps needed = the longest chain of rows whose
+    fresh draws collide with a changed reused expert, short unless experts are few.
+    """
+    T, L, K = cand.shape
+    m = reuse.reshape(T * L, K)
+    c = cand.reshape(T * L, K)
+    dep = m.any(axis=1)
+    dep[:L] = False  # row 0 never reuses
+    rows = np.flatnonzero(dep)
+    t_idx = np.arange(T)[:, None, None]
+    last = np.maximum.accumulate(np.where(reuse, 0, t_idx), axis=0)
+    src = ((last * L + np.arange(L)[:, None]) * K + np.arange(K)).ravel()
+    fresh = c.copy()
+    slot = np.cumsum(~m[rows], axis=1)  # first guess: no collisions, fresh ranks take the candidates in order
+    slot -= 1
+    np.maximum(slot, 0, out=slot)
+    fresh[rows] = np.take_along_axis(c[rows], slot, axis=1)
+    out = fresh.ravel()[src].reshape(T * L, K)
+    active = rows
+    for _ in range(_JACOBI_MAX_SWEEPS):
+        new = _fill_rows(out[active - L], m[active], c[active])
+        moved = ((new != fresh[active]) & ~m[active]).any(axis=1)  # reused ranks of fresh are never read
+        if not moved.any():
+            return out.reshape(T, L, K)
+        fresh[active[moved]] = new[moved]
+        nxt = fresh.ravel()[src].reshape(T * L, K)
+        changed = np.flatnonzero((nxt != out).any(axis=1)) + L
+        out = nxt
+        changed = changed[changed < T * L]
+        active = changed[dep[changed]]
+        if not active.size:
+            return out.reshape(T, L, K)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,25 +602,50 @@ def _calibrate_reuse(profile: dict) -> None:
 
 
 def _resolve_avoid(order: np.ndarray, avoid: np.ndarray, K: int) -> np.ndarray:
-    """Rows ``[T, K]``: the first K experts of each row's race ``order`` ``[T, E]``; rows t >= 1
-    with ``avoid[t]`` take the first K not chosen by row t-1 (then the rest, if fewer than K remain).
+    """Rows ``[T, K]``: the first K experts of each row's race ``order`` ``[T, n]`` (its first
+    ``n >= min(E, 2K)`` experts); rows t >= 1 with ``avoid[t]`` take the first K not chosen by
+    row t-1 (then the rest, if fewer than K remain).
 
-    Sequential in t; resolved by Jacobi rounds (a row of chain depth d is final after d rounds)."""
-    T, _E = order.shape
+    Sequential in t; resolved by Jacobi sweeps (a row of chain depth d is final after d sweeps),
+    each recomputing only the avoiding rows whose previous row changed in the last one."""
+    T = order.shape[0]
     out = order[:, :K].copy()
     avoid = avoid.copy()
     avoid[0] = False
     rows = np.flatnonzero(avoid)
-    if rows.size == 0:
-        return out
-    sub = order[rows]
     for _ in range(T):
-        prev = out[rows - 1]
-        hit = (sub[:, :, None] == prev[:, None, :]).any(axis=2)
-        new = np.take_along_axis(sub, np.argsort(hit, axis=1, kind="stable")[:, :K], axis=1)
-        if np.array_equal(new, out[rows]):
+        if rows.size == 0:
             break
+        sub = order[rows]
+        prev = out[rows - 1]
+        hit = sub == prev[:, :1]
+        for k in range(1, K):
+            hit |= sub == prev[:, k : k + 1]
+        new = np.take_along_axis(sub, np.argsort(hit, axis=1, kind="stable")[:, :K], axis=1)
+        moved = (new != out[rows]).any(axis=1)
+        rows, new = rows[moved], new[moved]
         out[rows] = new
+        nxt = rows + 1
+        nxt = nxt[nxt < T]
+        rows = nxt[avoid[nxt]]
+    return out
+
+
+def _first_in_order(key: np.ndarray, n: int) -> np.ndarray:
+    """``np.argsort(key, axis=1, kind="stable")[:, :n]`` for ``key`` ``[R, E]``, without sorting
+    whole rows: where a row's n+1 smallest keys are distinct, its first n are unique and found by
+    ``argpartition``; rows with ties (or NaN) among them are sorted in full."""
+    R, E = key.shape
+    if n >= E:
+        return np.argsort(key, axis=1, kind="stable")
+    part = np.argpartition(key, n, axis=1)[:, : n + 1]
+    vals = np.take_along_axis(key, part, axis=1)
+    order = np.argsort(vals, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    out = np.take_along_axis(part, order[:, :n], axis=1)
+    bad = np.flatnonzero(~(vals[:, 1:] > vals[:, :-1]).all(axis=1))
+    if bad.size:
+        out[bad] = np.argsort(key[bad], axis=1, kind="stable")[:, :n]
     return out
 
 
@@ -504,27 +709,33 @@ def synthesize_from_profile(profile: dict, *, num_tokens: int, seed: int = 0, mo
     rng_reuse = np.random.default_rng(s_reuse)
     rng_gate = np.random.default_rng(s_gate)
     experts = np.empty((T, L, K), dtype=np.int32)
-    with np.errstate(divide="ignore"):
-        for l in range(L):
-            if l == 0:
-                w = np.broadcast_to(pop[0], (T, E))
-            else:
-                w = trans[l - 1][experts[:, l - 1, :]].mean(axis=1)  # [T, E]
-            key = rng_pick.standard_exponential(size=(T, E))
-            key = np.where(w > 0, key / np.where(w > 0, w, 1.0), np.inf)
-            u = rng_reuse.random((T, K))
-            if rho[l] >= 0:
-                if K == E:
-                    cand = np.argsort(key, axis=1, kind="stable")
-                else:
-                    part = np.argpartition(key, K - 1, axis=1)[:, :K]
-                    order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
-                    cand = np.take_along_axis(part, order, axis=1)
-                reuse = u < rho[l]
-                reuse[0] = False
-                experts[:, l, :] = _resolve_reuse(cand[:, None, :].astype(np.int32), reuse[:, None, :])[:, 0, :]
-            else:
-                experts[:, l, :] = _resolve_avoid(np.argsort(key, axis=1, kind="stable"), u[:, 0] < -rho[l], K)
+    for l in range(L):
+        if l == 0:
+            w = np.broadcast_to(pop[0], (T, E))
+        else:
+            # mean over token t's experts at column l-1 of their transition rows, summed rank by
+            # rank (the order, hence the rounding, of numpy's mean over that axis) without a
+            # [T, K, E] temporary
+            tl, prev = trans[l - 1], experts[:, l - 1, :]
+            w = tl[prev[:, 0]]
+            for k in range(1, K):
+                w += tl[prev[:, k]]
+            w /= K
+        key = rng_pick.standard_exponential(size=(T, E))
+        pos = w > 0
+        np.divide(key, w, out=key, where=pos)
+        key[~pos] = np.inf
+        u = rng_reuse.random((T, K))
+        if rho[l] >= 0:
+            cand = np.argsort(key, axis=1, kind="stable") if K == E else _top_k_rows_reference(key, K)
+            reuse = u < rho[l]
+            reuse[0] = False
+            experts[:, l, :] = _resolve_reuse(cand[:, None, :].astype(np.int32), reuse[:, None, :])[:, 0, :]
+        else:
+            # a row avoiding the previous row's K experts takes its first K others, all among its
+            # first 2K by race order
+            order = _first_in_order(key, min(E, 2 * K))
+            experts[:, l, :] = _resolve_avoid(order, u[:, 0] < -rho[l], K)
     gm, gs = profile.get("gate_mean"), profile.get("gate_std")
     if gm is not None and gs is not None and len(gm) == K:
         z = rng_gate.standard_normal((T, L, K)) * np.asarray(gs) + np.asarray(gm)

@@ -49,6 +49,8 @@ CASES = {
     "capacity below top-k": (base_with(policies={"cache": {"kind": "lru", "capacity_experts": 1}}), ["policies.cache.capacity_experts", "top_k=2"]),
     "non-positive bandwidth": (base_with(hardware={"preset": "h100-sxm-pcie5", "link": {"h2d_bandwidth_gb_s": 0}}), ["hardware.link.h2d_bandwidth_gb_s", "greater than 0"]),
     "does not fit": (base_with(policies={"cache": {"kind": "all_resident"}}), ["does not fit in GPU memory", "GiB", "policies.cache.kind"]),
+    "profile table as a path": (base_with(hardware={"preset": "h100-sxm-pcie5", "expert_profile": "../../x"}),
+                                ["hardware.expert_profile", "pattern"]),
     "cache too big": (base_with(policies={"cache": {"kind": "lru", "capacity_experts": 250}}), ["does not fit", "250 slots"]),
 }
 

@@ -22,8 +22,9 @@ DOC_SHOTS = ROOT / "docs" / "screenshots"
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAGES = [("Timeline", "timeline"), ("Curves", "curves"), ("Compare", "compare"),
-         ("Trace explorer", "trace"), ("Calibration", "calibration")]
-CHARTS = {"timeline": 1, "curves": 3, "compare": 5, "trace": 3, "calibration": 0}  # plotly figures per page
+         ("Trace explorer", "trace"), ("Calibration", "calibration"), ("Cluster", "cluster"), ("Serving", "serving")]
+CHARTS = {"timeline": 1, "curves": 3, "compare": 5, "trace": 3, "calibration": 0, "cluster": 4,
+          "serving": 5}  # plotly figures per page
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"browser test skipped: {CHROMIUM} not found (install Debian's chromium: apt-get install chromium)",
@@ -122,6 +123,15 @@ def test_dashboard_in_chromium(server, tmp_path):
                     _idle(page)
                 _no_errors(page)
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+            # the Serving page (shown last): a higher arrival rate moves the TTFT
+            ttft0 = page.locator('[data-testid="stMetric"]').filter(has_text="TTFT p50").inner_text()
+            box = page.get_by_label("arrival rate (requests/s, poisson)")
+            box.fill("40")
+            box.press("Enter")
+            page.wait_for_selector('[data-testid="stMetricDelta"]')
+            _idle(page)
+            _no_errors(page)
+            assert page.locator('[data-testid="stMetric"]').filter(has_text="TTFT p50").inner_text() != ttft0
         finally:
             browser.close()
     for _, name in [("", "whatif")] + PAGES:

@@ -126,6 +126,9 @@ class AccessResult:
     hits: list
     loads: list  # [(expert, [evicted keys])]
     streamed: list
+    # keys evicted for a miss that still did not fit (mixed sizes: every other victim protected);
+    # the miss is streamed and their room stays unused
+    orphans: list = field(default_factory=list)
 
 
 class CachePolicy(Policy):
@@ -340,6 +343,7 @@ class CachePolicy(Policy):
             self._on_hit(pool, base + e, t)
         loads = []
         streamed = []
+        orphans = []
         if missed:
             protect = {base + e for e in experts}
             for e in missed:
@@ -348,19 +352,14 @@ class CachePolicy(Policy):
                 if not self.admit(pool, key, t) or size > pool.capacity_bytes:
                     streamed.append(e)
                     continue
-                evicted = []
-                while pool.used_bytes + size > pool.capacity_bytes:
-                    v = self._victim(pool, protect)
-                    if v is None:
-                        break
-                    self._evict(pool, v)
-                    evicted.append(v)
-                if pool.used_bytes + size > pool.capacity_bytes:
+                fits, evicted = self.make_room(pool, size, protect)
+                if not fits:
                     streamed.append(e)  # evicted ones stay evicted: their room is simply unused
+                    orphans.extend(evicted)
                     continue
                 self._insert(pool, key, t, size)
                 loads.append((e, evicted))
-        return AccessResult(hits, loads, streamed)
+        return AccessResult(hits, loads, streamed, orphans)
 
     def prefetch(self, column: int, expert: int, t: int, protect, size: int | None = None) -> tuple[bool, list]:
         """Make ``(column, expert)`` resident ahead of use. Returns (inserted, evicted keys); a key
@@ -375,14 +374,23 @@ class CachePolicy(Policy):
         size = self.size_of(key) if size is None else size
         if not self.admit(pool, key, t) or size > pool.capacity_bytes:
             return False, []
+        fits, evicted = self.make_room(pool, size, protect)
+        if fits:
+            self._insert(pool, key, t, size)
+        return fits, evicted
+
+    def make_room(self, pool: Pool, nbytes: int, protect) -> tuple[bool, list]:
+        """Evict the policy's victims from ``pool`` (never a key in ``protect``) until ``nbytes``
+        more fit. Returns (fits, evicted keys in eviction order); when no victim is left before it
+        fits, the keys evicted so far stay evicted. Demand loads, prefetches and precision top-ups
+        all make room this way."""
         evicted = []
-        while pool.used_bytes + size > pool.capacity_bytes:
+        while pool.used_bytes + nbytes > pool.capacity_bytes:
             v = self._victim(pool, protect)
             if v is None:
                 return False, evicted
             self._evict(pool, v)
             evicted.append(v)
-        self._insert(pool, key, t, size)
         return True, evicted
 
     def transient_buffer_count(self) -> int:

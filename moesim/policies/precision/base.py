@@ -91,16 +91,11 @@ def grow(cache, column: int, key: int, new_bytes: int, protect) -> tuple[bool, l
     extra = new_bytes - cache.key_bytes[key]
     if new_bytes > pool.capacity_bytes:
         return False, []
-    evicted = []
-    while pool.used_bytes + extra > pool.capacity_bytes:
-        v = cache._victim(pool, protect)
-        if v is None:
-            return False, evicted
-        cache._evict(pool, v)
-        evicted.append(v)
-    pool.used_bytes += extra
-    cache.key_bytes[key] = new_bytes
-    return True, evicted
+    fits, evicted = cache.make_room(pool, extra, protect)
+    if fits:
+        pool.used_bytes += extra
+        cache.key_bytes[key] = new_bytes
+    return fits, evicted
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.errors import InputError
 from moesim.policies.base import Policy
 
 
@@ -53,6 +54,17 @@ class PrefetchPolicy(Policy):
     def __init__(self, config, setup: PrefetchSetup):
         super().__init__(config)
         self.setup = setup
+
+    def trace_array(self, name: str, what: str, why: str):
+        """The replayed trace's optional array ``name`` (``probs``, ``request``, ``spec_next``), for a
+        predictor that cannot work without it; when the trace lacks it, the one-line input error
+        "needs ``what`` in the trace ``why``" (``why``: what it is for, or how to capture it)."""
+        tr = self.setup.trace
+        arr = None if tr is None else getattr(tr, name, None)
+        if arr is None:
+            raise InputError(f"needs {what} in the trace {why}", source=self.setup.source,
+                             field="policies.prefetch.kind")
+        return arr
 
     def plan(self, step: int, column: int, known: list) -> list[tuple[int, int]]:
         """(column, expert) pairs to prefetch after the router of ``(step, column)`` was read;

@@ -52,14 +52,9 @@ class FMoE(PrefetchPolicy):
     def __init__(self, config, setup):
         super().__init__(config, setup)
         su = setup
+        self.trace_array("request", "request ids (request [T])",
+                         "to know which rows form a request (`moesim trace capture` records them)")
         tr = su.trace
-        if tr is None or getattr(tr, "request", None) is None:
-            raise InputError(
-                "needs request ids (request [T]) in the trace to know which rows form a request "
-                "(`moesim trace capture` records them)",
-                source=su.source,
-                field="policies.prefetch.kind",
-            )
         if config.signal == "probs" and tr.probs is None:
             raise InputError(
                 "signal: probs needs the router distribution probs [T, L, E] in the trace; use signal: experts",

@@ -79,15 +79,8 @@ class ProbsLookahead(PrefetchPolicy):
     def __init__(self, config, setup):
         super().__init__(config, setup)
         su = setup
-        tr = su.trace
-        if tr is None or getattr(tr, "probs", None) is None:
-            raise InputError(
-                "needs the router distribution probs [T, L, E] in the trace (capture it with "
-                "`moesim trace capture --probs`)",
-                source=su.source,
-                field="policies.prefetch.kind",
-            )
-        self.probs = tr.probs
+        self.probs = self.trace_array("probs", "the router distribution probs [T, L, E]",
+                                      "(capture it with `moesim trace capture --probs`)")
         E, C = su.num_experts, su.num_columns
         self.k = min(config.k or su.top_k * su.batch_size, E)
         serving = hasattr(su.plan, "step_rows")

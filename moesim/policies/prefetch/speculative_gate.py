@@ -49,14 +49,9 @@ class SpeculativeGate(PrefetchPolicy):
     def __init__(self, config, setup):
         super().__init__(config, setup)
         su = setup
+        self.trace_array("spec_next", "the speculative next-layer guess spec_next [T, L, K]",
+                         "(capture it with `moesim trace capture --spec-next residual`)")
         tr = su.trace
-        if tr is None or getattr(tr, "spec_next", None) is None:
-            raise InputError(
-                "needs the speculative next-layer guess spec_next [T, L, K] in the trace (capture it with "
-                "`moesim trace capture --spec-next residual`)",
-                source=su.source,
-                field="policies.prefetch.kind",
-            )
         cs = tuple(su.col_src)
         if cs != tuple(range(len(cs))) or tr.spec_next.shape[1] != len(cs):
             raise InputError(

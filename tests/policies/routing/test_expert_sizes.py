@@ -253,8 +253,14 @@ def test_byte_pool_never_overflows_and_counts_match_a_brute_force_lru(seed, cap,
     for s in range(T):
         for c in range(C):
             need = list(dict.fromkeys(int(e) for e in ex[s, c]))
+            before = set(pol.resident)
             r = pol.access(c, need, t)
             t += 1
+            # every key that left the pool is reported: with its load, or as an orphan (evicted for
+            # a miss that still did not fit and was streamed)
+            gone = [k for _, ev in r.loads for k in ev] + list(r.orphans)
+            assert len(gone) == len(set(gone))
+            assert before - set(gone) | {c * E + e for e, _ in r.loads} == set(pol.resident)
             for p in pol.pools:
                 assert p.used_bytes == sum(sizes.key_bytes[k] for k in p.order) <= p.capacity_bytes
             assert set(r.hits) | {e for e, _ in r.loads} | set(r.streamed) == set(need)
