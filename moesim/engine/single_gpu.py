@@ -781,7 +781,9 @@ class SingleGpuEngine:
                         n_acc += len(skip)
                         n_miss += len(skip)
                         col_miss[c] += len(skip)
+                        # misses loaded below level 0, cached or streamed through a transient buffer
                         n_low_loads += sum(1 for e, _ in res.loads if e in sizes)
+                        n_low_loads += sum(1 for e in res.streamed if e in sizes)
                 elif cpu_set:
                     res = cache.access(c, [e for e in experts if e not in cpu_set], t_access)
                 else:

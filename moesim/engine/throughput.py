@@ -24,9 +24,11 @@ read-back costs (negligible per op at these batch sizes), copy/compute interfere
 directions sharing the link (each engine keeps its one-way rate), prefill.
 
 Critical path: every instant of the run lies on the GPU stream's timeline, either inside a GPU op
-(``gpu_compute``) or in a gap before one, charged to the resource of the dependency that finished
-last (a copy: ``copy_wait``; CPU attention: ``cpu_attention``); after the last GPU op, to the resource
-of the op that ends the run. The parts sum to the elapsed time exactly.
+(``gpu_compute``) or in a gap before one. A gap is walked back from the dependency that finished
+last: the time that op ran is charged to its resource (a copy: ``copy_wait``; CPU attention:
+``cpu_attention``), the time before it started to what held it back (its own last dependency or its
+resource's previous op), and so on to the start of the gap; the time after the last GPU op likewise
+from the op that ends the run. The parts sum to the elapsed time exactly.
 """
 
 from __future__ import annotations
@@ -298,7 +300,9 @@ class ThroughputContext:
         self.col_of_block = col_of_block
         self.dag = Dag()
         self.sequences = 0
-        self.steps = 0
+        # the configured run length, known before set_run: the policies size the KV cache for their
+        # memory checks (final_context) before they fix the run
+        self.steps = int(getattr(scenario.policies.execution, "decode_steps", 0))
         self.warmup_steps = 0
         self.routing: Routing | None = None
         self.memory: dict = {}
@@ -423,7 +427,10 @@ class ThroughputEngine:
             raise RuntimeError("throughput schedule did not finish (a dependency cycle)")
         self.start, self.end = start, end
         timeouts = sum(1 for x in d.dur if x > 0)
-        return self._result(start, end, events=n + timeouts + len([r for r in RESOURCES if by_res[r]]))
+        procs = len([r for r in RESOURCES if by_res[r]])
+        # SimPy processes one completion per op, one timeout per timed op, and for every resource
+        # process its start (Initialize) and its own end event
+        return self._result(start, end, events=n + timeouts + 2 * procs)
 
     # ----- results ---------------------------------------------------------------------------------------
     def _result(self, start, end, *, events: int) -> EngineResult:
@@ -470,29 +477,58 @@ class ThroughputEngine:
         the dependency that released the op after it, split at the step boundaries."""
         d = self.dag
         key = {k: i for i, k in enumerate(TP_CP_KEYS)}
-        intervals = []  # (t0, t1, cause index)
+        intervals = []  # (t0, t1, cause index), in time order
+        before = [-1] * len(d)  # the previous op on the same resource (an in-order stream)
+        last_on: dict = {}
+        for i, r in enumerate(d.res):
+            before[i] = last_on.get(r, -1)
+            last_on[r] = i
+
+        def blame(j, lo, hi):
+            # [lo, hi) ends when op j ends: charge j's own run to its resource, and the time before
+            # it started to whatever held it back (the last of its dependencies and its resource's
+            # previous op to finish), walking back until lo (a CPU attention behind the copy that
+            # brings its output back is charged to the CPU, not to the copy)
+            out = []
+            t, cur = hi, j
+            while t > lo:
+                a = max(lo, float(start[cur]))
+                if t > a:
+                    cause = _CAUSE[d.res[cur]]
+                    out.append((a, t, key["idle" if cause == "gpu_compute" else cause]))
+                t = a
+                if t <= lo:
+                    break
+                nxt, best = -1, -math.inf
+                for k in d.deps[cur] + ((before[cur],) if before[cur] >= 0 else ()):
+                    if end[k] > best:
+                        nxt, best = k, float(end[k])
+                if nxt < 0 or best <= lo:  # pragma: no cover - an op starts when its blocker ends
+                    out.append((lo, t, key["idle"]))
+                    break
+                if best < t:  # pragma: no cover - float edge
+                    out.append((best, t, key["idle"]))
+                    t = best
+                cur = nxt
+            intervals.extend(reversed(out))
+
         prev = 0.0
         for i, r in enumerate(d.res):
             if r != GPU:
                 continue
             s = start[i]
             if s > prev:
-                cause = "idle"
-                best = prev
-                for j in d.deps[i]:
-                    if end[j] > best:
-                        best = end[j]
-                        cause = _CAUSE[d.res[j]]
-                if cause == "gpu_compute":  # pragma: no cover - an in-order stream's own op
-                    cause = "idle"
-                intervals.append((prev, s, key[cause]))
+                j = max(d.deps[i], key=lambda k: end[k], default=-1)
+                if j < 0 or end[j] <= prev:  # pragma: no cover - an in-order stream's own op
+                    intervals.append((prev, s, key["idle"]))
+                else:
+                    blame(j, prev, s)
             if end[i] > s:
                 intervals.append((s, end[i], key["gpu_compute"]))
             prev = max(prev, end[i])
         total = float(step_end[-1]) if len(step_end) else 0.0
         if total > prev:
-            last = int(np.argmax(end))
-            intervals.append((prev, total, key[_CAUSE[d.res[last]]]))
+            blame(int(np.argmax(end)), prev, total)
         out = np.zeros((len(step_end), len(TP_CP_KEYS)))
         bounds = np.concatenate([[0.0], step_end])
         k = 0

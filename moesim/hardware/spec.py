@@ -182,8 +182,13 @@ class CpuSpec(StrictModel):
     @model_validator(mode="after")
     def _check_bandwidths(self):
         """Cross-field checks: node bandwidths add up to no more than the DRAM total, which is
-        no more than the channels' peak."""
+        no more than the channels' peak; every NUMA node has at least one core."""
         nodes = self.numa_nodes
+        if self.numa_nodes_per_socket > self.cores_per_socket:
+            raise ValueError(
+                f"numa_nodes_per_socket {self.numa_nodes_per_socket} exceeds cores_per_socket "
+                f"{self.cores_per_socket} (a NUMA node without a core is not modelled)"
+            )
         if self.node_bandwidth_gb_s is not None and self.node_bandwidth_gb_s * nodes > self.dram_bandwidth_gb_s * (1 + 1e-9):
             raise ValueError(
                 f"node_bandwidth_gb_s {self.node_bandwidth_gb_s} x {nodes} NUMA nodes exceeds "

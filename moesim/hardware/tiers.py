@@ -97,6 +97,9 @@ def resolve_tiers(scenario, memory: dict, experts, col_src, key_bytes=None, sour
     if cap is None or rt.expert_store == "ssd":
         return None
     fld = "hardware.host_memory.pinned_capacity_gib"
+    if cap > hw.host_memory.capacity_gib:  # pinned pages are DRAM: no more can be pinned than there is
+        raise InputError(f"{cap:g} GiB pinned is more than the host's {hw.host_memory.capacity_gib:g} GiB of DRAM "
+                         "(hardware.host_memory.capacity_gib)", source=source, field=fld)
     if hw.gpu.unified_memory:
         raise InputError("memory tiers need a discrete GPU (this one shares DRAM with the CPU)", source=source, field=fld)
     if rt.host_memory != "pinned":

@@ -109,7 +109,7 @@ class CpuExpertModel:
 
     ``legacy_times[n]``: the aggregate model's time of one expert with n tokens (measured table or
     roofline over all cores and the whole DRAM bandwidth); used as the alone-time when
-    ``threads`` is None (all cores on one expert). ``table_times[n]``: a measured table at exactly
+    ``threads`` is None (all cores on one expert) and ``unit`` is ``auto``. ``table_times[n]``: a measured table at exactly
     ``threads`` threads, preferred over the roofline when the unit is ``auto``.
     """
 
@@ -118,7 +118,9 @@ class CpuExpertModel:
         self.cpu = cpu
         self.placement = placement
         self.unit = unit
-        self.legacy = legacy_times if threads is None else None
+        # the aggregate model's times hold the aggregate peak: only for unit auto (a named unit's
+        # per-core peak x all cores goes through the thread roofline)
+        self.legacy = legacy_times if threads is None and unit == "auto" else None
         self.threads = cpu.cores if threads is None else threads
         self.workers = make_workers(cpu, self.threads)
         if threads is None:  # the aggregate model: one worker on every node

@@ -19,7 +19,6 @@ the part both share:
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from moesim.errors import InputError
 
 
 def pool_scenario(scenario, *, gpus: int, batch: int, context: int, alltoall: dict | None, steps: int,
-                  parallel: dict | None = None, trace: dict | None = None) -> dict:
+                  parallel: dict | None = None, trace: dict | None = None, source: str | None = None) -> dict:
     """A fixed-batch expert-parallel scenario (as a dict) on ``gpus`` GPUs of the cluster's kind:
     ``batch`` sequences per attention rank at ``context`` tokens, ``steps`` decode steps.
     ``parallel`` overrides fields of the ``parallel`` block (``prefill_gpus`` is always dropped),
@@ -42,8 +41,13 @@ def pool_scenario(scenario, *, gpus: int, batch: int, context: int, alltoall: di
                      "loop_trace": True, "context_tokens": context}
     d["parallel"] = par
     gpn = d["cluster"]["gpus_per_node"]
+    if gpus > gpn and gpus % gpn:
+        # a partial last node would need a cluster of unequal nodes, which the topology has not
+        raise InputError(f"a pool of {gpus} GPUs is neither part of one node nor whole nodes of {gpn} GPUs; "
+                         "pools (prefill_gpus, the decode rest, elastic start/end) must be one of those",
+                         source=source, field="parallel")
     if gpus % gpn:
-        d["cluster"]["gpus_per_node"] = gpus if gpus < gpn else math.gcd(gpus, gpn)
+        d["cluster"]["gpus_per_node"] = gpus
     d["cluster"]["nodes"] = gpus // d["cluster"]["gpus_per_node"]
     if alltoall is not None:
         d["policies"]["alltoall"] = alltoall
@@ -138,7 +142,7 @@ class EpStepTable:
 
             def run(ctx, n=n, par=par):
                 d = pool_scenario(scenario, gpus=gpus, batch=n, context=ctx, alltoall=None, steps=steps,
-                                  parallel=par, trace=routing.block)
+                                  parallel=par, trace=routing.block, source=source)
                 return run_pool(d, source)
 
             s0 = run(0)

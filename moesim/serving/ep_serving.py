@@ -38,8 +38,10 @@ Choices the model makes (stated, not hidden):
   caches of the leaving ranks' running requests moving to the remaining ranks (fewest requests
   first; a request the target's KV budget cannot hold is pre-empted there and recomputed), then
   runs with every MoE layer waiting for the experts its GPUs gain — the copy time the
-  expert-parallel engine's own scale event gives for the same GPU counts and routing. On
-  scale-up running requests keep their ranks and the waiting ones are dealt again over all ranks.
+  expert-parallel engine's own scale event gives for the same GPU counts and routing. The copies
+  start when the event ends; if no rank has work then, the first step that runs waits only for
+  what is left of them. On scale-up running requests keep their ranks and the waiting ones are
+  dealt again over all ranks.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ class ClusterServing:
         d = pool_scenario(sc, gpus=self.G, batch=1, context=0, alltoall=None, steps=1,
                           parallel={"elastic": {"start_gpus": el.start_gpus, "end_gpus": el.end_gpus, "at_step": S,
                                                 "planning_ms": el.planning_ms}, "micro_batches": 1},
-                          trace=routing.block)
+                          trace=routing.block, source=self.source)
         # rows: S steps before, one after (scale-down: the same sequences, on fewer GPUs)
         d["workload"]["max_tokens"] = S * self.ranks_before + max(self.ranks_before, self.ranks_after)
         rep = run_pool(d, self.source)["expert_parallel"]["elastic"]
@@ -293,6 +295,7 @@ class ClusterServing:
         finished = [0]
         el = sc.parallel.elastic
         table = [self.table_before]
+        copies = [None]  # (start s, duration s) of the scale event's expert copies, until a step waits
 
         def dispatch(r):
             k = min(range(active[0]), key=lambda i: (ranks[i].load, i))
@@ -310,7 +313,8 @@ class ClusterServing:
                     wake[0].succeed()
 
         def scale():
-            """Switch deployments before step ``at_step``; returns the expert-copy stall (s)."""
+            """Switch deployments before step ``at_step``; returns when the expert copies start and
+            how long they take (s)."""
             t0 = env.now
             cp = self.scale_copy
             if cp["planning_s"] > 0:
@@ -367,9 +371,8 @@ class ClusterServing:
                 "disruption_ms": (cp["planning_s"] + kv_s + cp["stall_s"]) * 1e3,
             }
             res.planning_s += cp["planning_s"]
-            res.stall_s += kv_s + cp["stall_s"]
-            res.copy_in_steps_s += cp["stall_s"]
-            return cp["stall_s"]
+            res.stall_s += kv_s  # the copy stall is booked by the step that waits for it
+            return env.now, cp["stall_s"]  # the expert copies start now and take stall_s
 
         def loop():
             step = 0
@@ -377,13 +380,19 @@ class ClusterServing:
             while finished[0] < n_req:
                 extra = 0.0
                 if el is not None and step == el.at_step and res.elastic is None:
-                    extra = yield from scale()
+                    copies[0] = yield from scale()
                 work = [(k, ranks[k].form_items(env.now)) for k in range(active[0])]
                 work = [(k, items) for k, items in work if items]
                 if not work:
                     wake[0] = env.event()
                     yield wake[0]
                     continue
+                if copies[0] is not None:  # the first step after the event waits for what is left of
+                    c0, cs = copies[0]  # the expert copies (all of it unless the pool sat idle)
+                    extra = cs if env.now == c0 else max(0.0, c0 + cs - env.now)
+                    copies[0] = None
+                    res.stall_s += extra
+                    res.copy_in_steps_s += extra
                 costs = [self.step_cost(table[0], items) for _, items in work]
                 dt = max(c for c, _ in costs) + extra
                 toks = [n for _, n in costs]

@@ -87,7 +87,7 @@ class PdTables:
         wl = scenario.workload
         self.decode_s = np.array([
             step_time(pool_scenario(scenario, gpus=decode_gpus, batch=n, context=wl.context_tokens,
-                                    alltoall=None, steps=2, trace=routing.block), source)
+                                    alltoall=None, steps=2, trace=routing.block, source=source), source)
             for n in self.decode_n
         ])
         hi = max(64, int(max_prompt))
@@ -102,7 +102,7 @@ class PdTables:
         per_ctx = scenario.model.attention_core_flops(1) / pred.flops_dense * scenario.model.num_layers
         self.prefill_s = np.array([
             step_time(pool_scenario(scenario, gpus=prefill_gpus, batch=L, context=0, alltoall=tp, steps=1,
-                                    trace=routing.block), source)
+                                    trace=routing.block, source=source), source)
             + per_ctx * L * L / 2.0
             for L in self.prefill_L
         ])

@@ -134,7 +134,7 @@ def test_cpu_attention_wins_when_kv_does_not_fit():
     cpu = run(LIGHTNING, fixed + ["policies.execution.attention=cpu"]).summary
     gpu = run(LIGHTNING, fixed + ["policies.execution.attention=gpu_kv_streamed"]).summary
     assert cpu["throughput_tok_s"] > 1.5 * gpu["throughput_tok_s"]
-    assert cpu["critical_path_ms"]["cpu_attention"] >= 0
+    assert cpu["critical_path_ms"]["cpu_attention"] > 0 and gpu["critical_path_ms"]["cpu_attention"] == 0
     assert gpu["transfers"]["bytes_h2d_kv"] > 0 and cpu["transfers"]["bytes_h2d_kv"] == 0
     # the search agrees: the best GPU-attention policy is worse than the best CPU-attention one
     ctx, pol = _ctx(LIGHTNING)
@@ -291,3 +291,69 @@ def test_moe_gen_every_token_passes_every_module_once_per_layer(sets):
             assert sum(toks) == N
             ex = [d.tokens[i] for i in range(len(d)) if d.kind[i] == "experts" and d.step[i] == s_ and d.layer[i] == b]
             assert sum(ex) == N
+
+
+# ----- review fixes: memory sizing, input checks, event count, critical path ----------------------------
+@pytest.mark.parametrize("path", [LIGHTNING, KLOTSKI, MOE_GEN, MODEL_BATCHING], ids=lambda p: p.stem)
+def test_memory_check_sizes_the_kv_cache_for_the_final_context(path):
+    """The memory check (and its report) holds the KV cache of every decode step of the run: the
+    policies size it before the run is fixed, which once used the prompt length alone."""
+    out = run(path)
+    s = out.summary
+    mem = s["memory"]
+    kv = mem["gpu"].get("kv_cache", 0) + mem["host"].get("kv_cache", 0)
+    ctx = out.prepared.ctx
+    assert ctx.final_context == ctx.wl.context_tokens + ctx.steps
+    assert kv == s["throughput"]["kv_cache_bytes"] == ctx.sequences * ctx.final_context * ctx.costs.kv_token
+    if path == MODEL_BATCHING:  # the most sequences whose KV (at the final context) fits, not one more
+        n = s["throughput"]["model_batch"]
+        _, pol = _ctx(MODEL_BATCHING)
+        assert ctx.fits(*pol.memory(ctx, n), ctx.gpu_usable, ctx.host_capacity)
+        assert not ctx.fits(*pol.memory(ctx, n + 1), ctx.gpu_usable, ctx.host_capacity)
+
+
+@pytest.mark.parametrize("path,sets", [
+    (MODEL_BATCHING, ["policies.execution.model_batch=0"]),
+    (MODEL_BATCHING, ["policies.execution.model_batch=-3"]),
+    (LIGHTNING, ["policies.execution.micro_batch_sizes=[0,16]"]),
+])
+def test_empty_batches_are_input_errors(path, sets):
+    with pytest.raises(InputError, match="model_batch|micro_batch_sizes"):
+        run(path, sets)
+
+
+def test_events_processed_is_simpys_count(monkeypatch):
+    import simpy
+
+    steps = [0]
+    orig = simpy.Environment.step
+
+    def counting(self):
+        orig(self)  # raises EmptySchedule when nothing is left: not an event
+        steps[0] += 1
+
+    monkeypatch.setattr(simpy.Environment, "step", counting)
+    for path in (LIGHTNING, MOE_GEN):
+        steps[0] = 0
+        s = run(path, SHORT).summary
+        assert s["events_processed"] == steps[0]
+
+
+SLOW_CPU = ["policies.execution.search=false", "policies.execution.micro_batch=64", "policies.execution.micro_batches=4",
+            "policies.execution.attention=cpu", "hardware.cpu.dram_bandwidth_gb_s=2",
+            "hardware.link.h2d_bandwidth_gb_s=64"] + SHORT
+
+
+@pytest.mark.parametrize("path,sets", [(LIGHTNING, []), (LIGHTNING, SLOW_CPU), (KLOTSKI, []), (MOE_GEN, SHORT),
+                                       (MODEL_BATCHING, SHORT)])
+def test_critical_path_charges_a_resource_no_more_than_it_was_busy(path, sets):
+    """Each cause of the critical path is time its resource spent running ops (in the measured
+    window); a CPU-bound CGOPipe is charged to the CPU, not to the copy that brings attention back."""
+    s = run(path, sets).summary
+    cp, u, T = s["critical_path_ms"], s["utilization"], s["critical_path_ms"]["total"]
+    tol = 1e-9 * T
+    assert cp["gpu_compute"] <= u["gpu0.compute"] * T + tol
+    assert cp["copy_wait"] <= (u.get("gpu0.h2d", 0) + u.get("gpu0.d2h", 0)) * T + tol
+    assert cp["cpu_attention"] <= u.get("cpu0", 0) * T + tol
+    if sets is SLOW_CPU:  # attention on a CPU with 2 GB/s of DRAM bounds the run
+        assert u["cpu0"] > 0.9 and cp["cpu_attention"] > 0.8 * T

@@ -82,3 +82,13 @@ def test_prefill_gpus_with_afd_or_elastic_is_refused_in_one_line(extra):
                                          r"with parallel\.prefill_gpus") as ei:
         simulate(sc)
     assert "\n" not in str(ei.value)
+
+
+def test_a_pool_of_partial_nodes_is_refused_in_one_line():
+    # 2 nodes of 4: prefill 2 GPUs (part of one node) is fine, but 3 prefill GPUs leave a 5-GPU
+    # decode pool that is neither part of a node nor whole nodes
+    sc = scenario_from_dict({**_scenario().model_dump(mode="json"), "parallel": {"prefill_gpus": 3}})
+    with pytest.raises(InputError, match=r"parallel: a pool of 5 GPUs is neither part of one node nor whole "
+                                         r"nodes of 4 GPUs") as ei:
+        simulate(sc)
+    assert "\n" not in str(ei.value)

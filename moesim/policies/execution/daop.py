@@ -37,7 +37,7 @@ class Daop(ExecutionPolicy):
       by more than ``swap_ratio``). A swap copies the CPU expert's weights to the GPU into the
       cold expert's slot; the cold one is simply dropped (its home copy stays in host memory).
       The placement stays for the rest of the sequence and is where the next sequence starts.
-    * **Pre-calculation**: from MoE layer ``first_predict_layer`` on, the next layer's experts
+    * **Pre-calculation**: from model layer ``first_predict_layer`` on (the simulated column's block index), the next layer's experts
       are predicted with the current layer's hidden state (the next gate applied early); the
       predicted CPU experts start on the CPU right away, overlapping the rest of this layer and
       the next layer's attention, instead of waiting for the next router.
@@ -75,7 +75,9 @@ class Daop(ExecutionPolicy):
         profile_steps: int = Field(default=8, ge=1, description="first steps of a sequence that stand in for its prefill")
         swap_candidates: int = Field(default=4, ge=1, description="hottest CPU / coldest GPU experts compared (DAOP: 4)")
         swap_ratio: float = Field(default=1.05, gt=0, description="swap when hot tokens > ratio x cold tokens (DAOP: 1.05)")
-        first_predict_layer: int = Field(default=5, ge=1, description="first MoE layer whose CPU experts are pre-calculated (DAOP: 5)")
+        first_predict_layer: int = Field(
+            default=5, ge=1,
+            description="first model layer (block index) whose CPU experts are pre-calculated (DAOP: 5)")
         precalc_accuracy: float = Field(default=1.0, ge=0.0, le=1.0)
 
         @model_validator(mode="after")
@@ -91,6 +93,8 @@ class Daop(ExecutionPolicy):
         E = setup.num_experts if setup is not None else 0
         L = setup.num_columns if setup is not None else 0
         self.E = E
+        # model layer of each simulated column (they differ when the trace logs a subset of layers)
+        self.layer_of = tuple(setup.model_layers) if setup is not None else ()
         self.counts = np.zeros((L, E), dtype=np.int64)
         self.step = -1
         self.rng = np.random.default_rng(np.random.SeedSequence([0, 0xDA0B]))
@@ -120,7 +124,8 @@ class Daop(ExecutionPolicy):
         return {e for e in experts if not is_resident(e)}
 
     def precalc(self, column, cpu_set, counts):
-        if column < self.config.first_predict_layer or not cpu_set:
+        layer = self.layer_of[column] if self.layer_of else column
+        if layer < self.config.first_predict_layer or not cpu_set:
             return set(), []
         acc = self.config.precalc_accuracy
         if acc >= 1.0:

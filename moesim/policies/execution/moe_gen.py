@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -48,7 +48,8 @@ class MoEGen(ThroughputExecution):
         module_batching: bool = Field(default=True, description="false: the model-based-batching baseline")
         attention_batch: int = Field(default=64, ge=1, description="sequences per attention-module batch")
         expert_batch: int = Field(default=4096, ge=1, description="tokens per expert-module batch")
-        model_batch: int | Literal["auto"] = Field(default="auto", description="baseline: sequences of its one batch")
+        model_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+            default="auto", description="baseline: sequences of its one batch")
 
     # ----- memory ----------------------------------------------------------------------------------------
     def memory(self, ctx, sequences: int) -> tuple[dict, dict]:

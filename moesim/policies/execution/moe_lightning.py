@@ -79,9 +79,10 @@ class MoELightning(ThroughputExecution):
 
         @field_validator("micro_batch_sizes", "resident_layer_options")
         @classmethod
-        def _non_negative(cls, v):
-            if any(x < 0 for x in v):
-                raise ValueError("entries must be >= 0")
+        def _non_negative(cls, v, info):
+            low = 1 if info.field_name == "micro_batch_sizes" else 0  # a micro-batch holds a sequence
+            if any(x < low for x in v):
+                raise ValueError(f"entries must be >= {low}")
             return sorted(set(v))
 
     # ----- the analytic model (HRM) -------------------------------------------------------------------

@@ -169,3 +169,14 @@ def test_precalculation_hides_cpu_work_and_wrong_guesses_cost_it(runs):
     late_w = sum(p["cpu_executed"] for p in wrong["per_layer"] if p["layer"] >= 5)
     assert wrong["execution"]["precalc_wasted"] == late_w and wrong["execution"]["precalc_experts"] == 0
     assert d["tpot_ms"]["mean"] < no["tpot_ms"]["mean"] < wrong["tpot_ms"]["mean"]
+
+
+def test_precalculation_starts_at_a_model_layer_not_a_column():
+    # a trace logging model layers 0, 4, 6, 8 only: column 2 is model layer 6, past layer 5
+    from moesim.policies.cache.base import CacheSetup
+    from moesim.policies.execution.daop import Daop
+
+    setup = CacheSetup(num_columns=4, num_experts=8, expert_bytes=1, top_k=2, model_layers=(0, 4, 6, 8),
+                       max_distinct_per_step=2)
+    pol = Daop(Daop.Config(first_predict_layer=5), setup)
+    assert [pol.precalc(c, {1, 3}, {1: 1, 3: 1})[0] for c in range(4)] == [set(), set(), {1, 3}, {1, 3}]
