@@ -315,6 +315,12 @@ class ThroughputContext:
         """Fix the run: ``sequences`` decoding together for ``steps`` decode steps, the first
         ``warmup_steps`` left out of the metrics."""
         self.sequences, self.steps, self.warmup_steps = int(sequences), int(steps), int(warmup_steps)
+        T = self._experts.shape[0]
+        if sequences * steps > T and not self.wl.loop_trace:
+            # every step needs all its sequences' rows, so the run cannot stop at the trace's end
+            raise InputError(f"false, but this run needs {sequences * steps} trace rows ({sequences} sequences x "
+                             f"{steps} steps) and the trace has {T}; set workload.loop_trace: true to reuse it",
+                             source=self.source, field="workload.loop_trace")
         self.routing = Routing(self._experts, self.col_of_block, self.m.num_experts, self.sequences, self.steps)
         if self.routing.looped:
             self.notes.append(f"trace of {self.routing.trace_rows} rows looped to {sequences * steps} rows "

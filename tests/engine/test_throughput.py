@@ -357,3 +357,9 @@ def test_critical_path_charges_a_resource_no_more_than_it_was_busy(path, sets):
     assert cp["cpu_attention"] <= u.get("cpu0", 0) * T + tol
     if sets is SLOW_CPU:  # attention on a CPU with 2 GB/s of DRAM bounds the run
         assert u["cpu0"] > 0.9 and cp["cpu_attention"] > 0.8 * T
+
+
+def test_a_run_longer_than_the_trace_needs_loop_trace():
+    with pytest.raises(InputError, match=r"workload\.loop_trace: false, but this run needs \d+ trace rows") as ei:
+        run(LIGHTNING, ["workload.loop_trace=false"])
+    assert "\n" not in str(ei.value)

@@ -92,3 +92,13 @@ def test_a_pool_of_partial_nodes_is_refused_in_one_line():
                                          r"nodes of 4 GPUs") as ei:
         simulate(sc)
     assert "\n" not in str(ei.value)
+
+
+def test_warmup_requests_leave_the_throughput_window():
+    d = _scenario(rate=50.0, n=6).model_dump(mode="json")
+    d["workload"]["requests"]["warmup_requests"] = 2
+    s = simulate(scenario_from_dict(d)).summary
+    assert 0 < s["measured_time_s"] < s["sim_time_s"]
+    assert s["throughput_tok_s"] * s["measured_time_s"] == pytest.approx(s["serving"]["output_tokens"])
+    cp = s["critical_path_ms"]
+    assert sum(v for k, v in cp.items() if k != "total") == pytest.approx(cp["total"])
