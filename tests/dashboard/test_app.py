@@ -14,8 +14,11 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dashboard import common as C  # noqa: E402
 from moesim.errors import InputError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = str(ROOT / "dashboard" / "app.py")
+from tests.dashboard.apptest_helpers import APP  # noqa: E402
+from tests.dashboard.apptest_helpers import arr as _arr  # noqa: E402
+from tests.dashboard.apptest_helpers import metrics as _metrics  # noqa: E402
+from tests.dashboard.apptest_helpers import ok as _ok  # noqa: E402
+
 TIMEOUT = 180
 
 
@@ -26,10 +29,6 @@ def _fresh() -> AppTest:
     return at
 
 
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
 
 def _goto(at: AppTest, page: str) -> AppTest:
     at.sidebar.radio(key="page").set_value(page).run()
@@ -37,19 +36,6 @@ def _goto(at: AppTest, page: str) -> AppTest:
     return at
 
 
-def _metrics(at: AppTest) -> dict:
-    return {m.label: (m.value, m.delta) for m in at.metric}
-
-
-def _arr(a) -> list:
-    """A plotly array from a figure's JSON: plain list, or plotly's typed-array encoding."""
-    if isinstance(a, dict) and "bdata" in a:
-        import base64
-
-        import numpy as np
-
-        return np.frombuffer(base64.b64decode(a["bdata"]), dtype=np.dtype(a["dtype"])).tolist()
-    return list(a)
 
 
 def _nbars(fig: dict) -> int:

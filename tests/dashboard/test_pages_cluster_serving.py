@@ -7,7 +7,6 @@ model says they should, uploads are validated and confined. Plus exact checks of
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,14 +22,13 @@ from dashboard.views import cluster as CL  # noqa: E402
 from dashboard.views import serving as SV  # noqa: E402
 from moesim.errors import InputError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = str(ROOT / "dashboard" / "app.py")
+from tests.dashboard.apptest_helpers import APP  # noqa: E402
+from tests.dashboard.apptest_helpers import arr as _arr  # noqa: E402
+from tests.dashboard.apptest_helpers import metrics as _metrics  # noqa: E402
+from tests.dashboard.apptest_helpers import ok as _ok  # noqa: E402
+
 TIMEOUT = 240
 
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def _page(page: str, **state) -> AppTest:
@@ -43,16 +41,6 @@ def _page(page: str, **state) -> AppTest:
     return at
 
 
-def _metrics(at: AppTest) -> dict:
-    return {m.label: (m.value, m.delta) for m in at.metric}
-
-
-def _arr(a) -> list:
-    if isinstance(a, dict) and "bdata" in a:
-        import base64
-
-        return np.frombuffer(base64.b64decode(a["bdata"]), dtype=np.dtype(a["dtype"])).tolist()
-    return list(a)
 
 
 def _z(a) -> np.ndarray:
