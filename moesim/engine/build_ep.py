@@ -237,8 +237,8 @@ def prepare_ep(scenario, *, source: str = "scenario", record_timeline: bool = Fa
 
         dense = np.array([sum(block_s(b) for b in blocks) for blocks in blocks_before])
         tail = sum(block_s(b) for b in tail_blocks) + pred_attn.head(B_dp, rt.head_kernels if rt.launch_mode == "eager" else 1).time_s / t
-        core, _ = pred_attn.attention_core(B_dp, wl.context_tokens + np.arange(steps))
-        core = core / t
+        core, _ = pred_attn.attention_core(B_dp, wl.context_tokens + np.arange(steps), flop_split=t,
+                                           kv_split=m.kv_tp_shards(t))
         return dense, float(tail), (lambda s: float(core[s]))
 
     dense_s, tail_s, attention_core_at = stage_arrays(B_dp)

@@ -725,7 +725,8 @@ def check_fits(scenario, *, slots_per_gpu: int, steps: int, source: str, expert_
     experts = slots_per_gpu * len(m.moe_layers) * m.expert_bytes
     if expert_bytes_per_gpu is not None:
         experts = expert_bytes_per_gpu
-    kv = wl.batch_size * t * (wl.context_tokens + steps) * m.kv_bytes_per_token / t
+    # the rank's KV cache, split over the TP GPUs that divide its KV heads (MLA: replicated)
+    kv = wl.batch_size * t * (wl.context_tokens + steps) * m.kv_bytes_per_token / m.kv_tp_shards(t)
     need = dense + experts + kv
     if par.attention_gpus is not None:
         need = max(dense + kv, experts)

@@ -259,6 +259,16 @@ class ModelSpec(StrictModel):
         """KV-cache bytes one token adds over all blocks."""
         return self.kv_bytes_per_token_layer * self.num_layers
 
+    def kv_tp_shards(self, tp: int) -> int:
+        """Over how many of ``tp`` tensor-parallel attention GPUs the KV cache is split: the KV
+        heads are divided among them (a GPU holds at least one head, so beyond ``num_kv_heads``
+        GPUs heads are replicated); MLA's compressed latent is not per head, so every TP GPU holds
+        all of it (its query heads split, its cache replicated)."""
+        a = self.attention
+        if a.kind == "mla":
+            return 1
+        return max(1, min(int(tp), a.num_kv_heads or a.num_heads))
+
     def attention_core_flops(self, context_tokens: int) -> float:
         """FLOPs of score and value products of one token against ``context_tokens`` keys."""
         a = self.attention

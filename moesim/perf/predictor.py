@@ -282,14 +282,17 @@ class Predictor:
         nbytes = params * m.bytes_per_param + 4.0 * batch * m.hidden_size * m.bytes_per_param
         return self.roofline(flops, nbytes, kernels)
 
-    def attention_core(self, batch: int, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def attention_core(self, batch: int, context: np.ndarray, *, flop_split: int = 1,
+                       kv_split: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Attention score/value time (s) of ``batch`` sequences at each context length in
         ``context`` (KV bytes read grow with context); no fixed kernel time (counted in
-        :meth:`block_dense`)."""
+        :meth:`block_dense`). Under attention tensor parallelism one GPU does ``1/flop_split`` of
+        the arithmetic (its query heads) and reads ``1/kv_split`` of the KV cache
+        (:meth:`ModelSpec.kv_tp_shards`)."""
         m = self.model
         c = np.asarray(context, dtype=np.float64)
-        flops = batch * m.attention_core_flops(1) * c
-        nbytes = batch * m.kv_bytes_per_token_layer * c
+        flops = batch * m.attention_core_flops(1) * c / flop_split
+        nbytes = batch * m.kv_bytes_per_token_layer * c / kv_split
         tf = flops / self.flops_dense
         tb = nbytes / self.mem_bw
         return np.maximum(tf, tb), tb >= tf

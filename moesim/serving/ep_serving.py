@@ -198,7 +198,7 @@ class ClusterServing:
         # KV budget of one rank: what its GPUs have left after dense weights and expert slots
         mems = [self.table_before.memory, self.table_after.memory]
         room = min(self._kv_room_bytes(m) for m in mems)
-        budget = room * t
+        budget = room * sc.model.kv_tp_shards(t)  # the rank's KV is split over this many of its t GPUs
         if cfg.kv_cache_gib is not None:
             budget = min(budget, cfg.kv_cache_gib * GIB)
         self.kv_budget = int(max(0, budget))
@@ -242,7 +242,13 @@ class ClusterServing:
         return mem["gpu_usable_bytes"] - mem["dense_bytes"] - mem["expert_bytes"]
 
     def _kv_room_tokens(self, mem: dict) -> int:
-        return int(self._kv_room_bytes(mem) // max(1, self.scenario.model.kv_bytes_per_token))
+        """Token positions per data-parallel GPU slot of a rank (``n`` sequences of context ``c``
+        fit when ``n * c`` is at most this): one GPU's room, times the GPUs the rank's KV is split
+        over, per attention-TP GPU."""
+        sc = self.scenario
+        t = sc.parallel.attention_tp
+        per = max(1, sc.model.kv_bytes_per_token) * t / sc.model.kv_tp_shards(t)
+        return int(self._kv_room_bytes(mem) // per)
 
     # ----- elastic -------------------------------------------------------------------------------------
     def _scale_copy(self, routing) -> dict:
